@@ -1,0 +1,1 @@
+"""tf-iresnet: Invertible Residual Networks for Keras 3 / TensorFlow Probability."""
