@@ -1,1 +1,49 @@
-"""tf-iresnet: Invertible Residual Networks for Keras 3 / TensorFlow Probability."""
+"""tf-iresnet: Invertible Residual Networks (Behrmann et al., ICML 2019) for Keras 3 and TFP.
+
+Keras layers own every weight (spectral-normalized residual branches, ActNorm states); the TFP
+bijectors and distributions built from them are stateless views, rebuilt on each call.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from tf_iresnet.activations import LipSwish  # noqa: E402
+from tf_iresnet.bijectors import (  # noqa: E402
+    ActNorm,
+    ActNormState,
+    InvertibleResidualBlock,
+    Squeeze,
+    ZeroChannelPad,
+    centering,
+    logit_preprocessing,
+)
+from tf_iresnet.fixed_point import InverseNotConvergedError, solve_fixed_point  # noqa: E402
+from tf_iresnet.logdet import LogDetConfig  # noqa: E402
+from tf_iresnet.residual import conv_branch, dense_branch  # noqa: E402
+from tf_iresnet.spectral_norm import (  # noqa: E402
+    SpectralNormalization,
+    converge_spectral_norms,
+    lipschitz_report,
+)
+
+__all__ = [
+    "ActNorm",
+    "ActNormState",
+    "InverseNotConvergedError",
+    "InvertibleResidualBlock",
+    "LipSwish",
+    "LogDetConfig",
+    "SpectralNormalization",
+    "Squeeze",
+    "ZeroChannelPad",
+    "centering",
+    "conv_branch",
+    "converge_spectral_norms",
+    "dense_branch",
+    "lipschitz_report",
+    "logit_preprocessing",
+    "solve_fixed_point",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,17 @@
+"""TFP bijectors of tf-iresnet (views over Keras-owned weights where they have any)."""
+
+from tf_iresnet.bijectors.actnorm import ActNorm, ActNormState
+from tf_iresnet.bijectors.iresblock import InvertibleResidualBlock
+from tf_iresnet.bijectors.preprocessing import centering, logit_preprocessing
+from tf_iresnet.bijectors.squeeze import Squeeze
+from tf_iresnet.bijectors.zero_pad import ZeroChannelPad
+
+__all__ = [
+    "ActNorm",
+    "ActNormState",
+    "InvertibleResidualBlock",
+    "Squeeze",
+    "ZeroChannelPad",
+    "centering",
+    "logit_preprocessing",
+]

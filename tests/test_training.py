@@ -1,0 +1,576 @@
+"""Tests of the shared training machinery (`tf_iresnet.training`) on a tiny linear regression.
+
+The model, data and step function live in `tests/_workers.py`, which the kill-and-restart and
+multi-worker tests also run as subprocesses. conftest.py splits the CPU into two logical
+devices, so the `mirrored` strategy has two replicas here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import _workers
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_iresnet.training import (
+    CheckpointError,
+    CheckpointState,
+    Trainer,
+    WarmupSchedule,
+    image_summary,
+    is_chief,
+    make_image_grid,
+    make_strategy,
+    read_config,
+    save_image_grid,
+    write_config,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER_SCRIPT = os.path.join(REPO, "tests", "_workers.py")
+GLOBAL_BATCH = 16
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_trainer(strategy, model_dir, total_steps, **kwargs):
+    """A Trainer on a fresh zero-initialised model (Adam) for the linear regression."""
+    model, optimizer = _workers.make_model_and_optimizer(strategy)
+    kwargs.setdefault("log_every", 5)
+    kwargs.setdefault("checkpoint_every", 0)
+    kwargs.setdefault("progress", False)
+    trainer = Trainer(
+        strategy=strategy,
+        model=model,
+        optimizer=optimizer,
+        train_step_fn=kwargs.pop("train_step_fn", _workers.step_fn),
+        model_dir=str(model_dir),
+        total_steps=total_steps,
+        **kwargs,
+    )
+    return trainer
+
+
+def dataset():
+    """64 examples in batches of 16: 4 steps per pass, the same batches in every run."""
+    x, y = _workers.make_data(64)
+    return _workers.make_dataset(x, y, GLOBAL_BATCH)
+
+
+def values(variables):
+    return [np.asarray(v.numpy()) for v in variables]
+
+
+def assert_all_close(a, b, **kwargs):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, **kwargs)
+
+
+def read_events(logdir):
+    """tag -> list of (step, value ndarray) from the TF2 event files in `logdir`."""
+    events = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                events.setdefault(value.tag, []).append((event.step, tf.make_ndarray(value.tensor)))
+    return events
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def worker_env(**extra):
+    env = dict(os.environ)
+    env.pop("TF_CONFIG", None)
+    env.update(
+        KERAS_BACKEND="tensorflow",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+        **extra,
+    )
+    return env
+
+
+def worker_cmd(model_dir, steps, out, **flags):
+    cmd = [sys.executable, WORKER_SCRIPT, f"--model_dir={model_dir}", f"--steps={steps}"]
+    cmd += [f"--out={out}"] + [f"--{k}={v}" for k, v in flags.items()]
+    return cmd
+
+
+def run_worker(cmd, env, timeout=120):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    batch_size: int = 16
+    shape: tuple[int, int] = (4, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunConfig:
+    """A nested config, as the binaries write it."""
+
+    name: str = "tiny"
+    steps: int = 40
+    learning_rate: float = 0.05
+    data: _Data = dataclasses.field(default_factory=_Data)
+    note: str | None = None
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def test_warmup_schedule_values():
+    lr = WarmupSchedule(0.1, warmup_steps=10, boundaries=(20, 30), factor=0.2)
+    expected = {
+        0: 0.01,  # base_lr / warmup_steps
+        4: 0.05,  # mid warm-up
+        9: 0.1,  # end of warm-up: exactly base_lr, not 2x
+        10: 0.1,
+        19: 0.1,
+        20: 0.02,  # first boundary
+        29: 0.02,
+        30: 0.004,  # second boundary
+        10_000: 0.004,
+    }
+    for step, want in expected.items():
+        np.testing.assert_allclose(float(lr(step)), want, rtol=1e-6, err_msg=f"step {step}")
+    assert max(float(lr(s)) for s in range(50)) <= 0.1 * (1 + 1e-7)
+
+    restored = WarmupSchedule.from_config(lr.get_config())
+    assert restored.get_config() == lr.get_config()
+    deserialized = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(lr))
+    assert isinstance(deserialized, WarmupSchedule)
+    assert float(deserialized(20)) == pytest.approx(0.02)
+
+    no_warmup = WarmupSchedule(0.5, warmup_steps=0)
+    assert float(no_warmup(0)) == pytest.approx(0.5)
+
+
+def test_warmup_schedule_drives_optimizer():
+    optimizer = keras.optimizers.SGD(WarmupSchedule(0.1, warmup_steps=4))
+    variable = keras.Variable(1.0)
+    rates = []
+    for _ in range(6):
+        rates.append(float(optimizer.learning_rate))
+        optimizer.apply_gradients([(tf.constant(0.0), variable)])
+    np.testing.assert_allclose(rates, [0.025, 0.05, 0.075, 0.1, 0.1, 0.1], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(base_lr=0.0, warmup_steps=1), "base_lr"),
+        (dict(base_lr=0.1, warmup_steps=-1), "warmup_steps"),
+        (dict(base_lr=0.1, warmup_steps=1, factor=0.0), "factor"),
+        (dict(base_lr=0.1, warmup_steps=1, boundaries=(5, 5)), "increasing"),
+        (dict(base_lr=0.1, warmup_steps=10, boundaries=(5,)), "warm-up"),
+    ],
+)
+def test_warmup_schedule_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        WarmupSchedule(**kwargs)
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def test_make_strategy_by_name():
+    assert make_strategy("default").num_replicas_in_sync == 1
+    assert make_strategy("auto").num_replicas_in_sync == 1  # no GPU here
+    assert make_strategy("one_device").num_replicas_in_sync == 1
+    mirrored = make_strategy("mirrored")
+    assert isinstance(mirrored, tf.distribute.MirroredStrategy)
+    assert mirrored.num_replicas_in_sync == 2  # the two logical CPUs of conftest.py
+    assert is_chief(mirrored) and is_chief(make_strategy("default"))
+
+
+def test_make_strategy_rejects_unknown_name():
+    with pytest.raises(ValueError, match="one_device, mirrored, multi_worker_mirrored"):
+        make_strategy("tpu")
+
+
+@pytest.mark.parametrize(
+    "tf_config, match",
+    [
+        (None, "TF_CONFIG environment variable, which is not set"),
+        ("{not json", "not valid JSON"),
+        ('{"task": {"type": "worker", "index": 0}}', "no 'cluster'"),
+        ('{"cluster": {"worker": ["127.0.0.1:1"]}}', "no 'task'"),
+        (
+            '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}',
+            "out of range",
+        ),
+        (
+            '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "ps", "index": 0}}',
+            "not a job",
+        ),
+        ('{"cluster": {"worker": ["nohostport"]}, "task": {"type": "worker", "index": 0}}', "host"),
+    ],
+)
+def test_multi_worker_strategy_rejects_bad_tf_config(monkeypatch, tf_config, match):
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(ValueError, match=match):
+        make_strategy("multi_worker_mirrored")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def test_default_strategy_trains_checkpoints_and_logs(tmp_path):
+    strategy = make_strategy("default")
+    evaluated = []
+
+    def eval_fn(step):
+        x, y = _workers.make_data(32, seed=1)
+        evaluated.append(step)
+        image_summary("eval_images", tf.random.uniform([3, 5, 5, 1], seed=1), step)
+        return {"mse": tf.reduce_mean(tf.square(trainer.model(x) - y))}
+
+    trainer = make_trainer(
+        strategy,
+        tmp_path,
+        total_steps=40,
+        checkpoint_every=20,
+        eval_every=20,
+        eval_fn=eval_fn,
+        config=_RunConfig(),
+    )
+    results = trainer.train(dataset())
+
+    assert trainer.step == 40 and int(trainer.optimizer.iterations.numpy()) == 40
+    assert evaluated == [20, 40]  # every eval_every steps; the end coincides with the last
+    assert {"loss", "mae", "learning_rate", "steps_per_second", "eval/mse"} <= set(results)
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-40")
+    assert os.path.exists(tmp_path / "ckpt-20.index")
+    assert read_config(str(tmp_path), _RunConfig) == _RunConfig()
+
+    train_events = read_events(tmp_path / "train")
+    assert {"loss", "mae", "learning_rate", "steps_per_second"} <= set(train_events)
+    losses = [float(v) for _, v in train_events["loss"]]
+    assert [s for s, _ in train_events["loss"]] == list(range(5, 41, 5))
+    assert losses[-1] < 0.3 * losses[0]  # the loss decreases
+    np.testing.assert_allclose(float(train_events["learning_rate"][0][1]), 0.05)
+    eval_events = read_events(tmp_path / "eval")
+    assert [s for s, _ in eval_events["mse"]] == [20, 40]
+    image = eval_events["eval_images"][0][1]  # TensorBoard format: [width, height, png]
+    assert image[:2].tolist() == [b"23", b"9"] and image[2].startswith(b"\x89PNG")
+
+
+def test_mirrored_matches_default_strategy(tmp_path):
+    """Same global batches, 2 replicas vs 1: equal weights and Adam slots (loss scaling)."""
+    runs = {}
+    for name, jit in [("default", False), ("mirrored", False), ("mirrored", True)]:
+        strategy = make_strategy(name)
+        trainer = make_trainer(strategy, tmp_path / f"{name}_{jit}", 12, jit_compile=jit)
+        results = trainer.train(dataset())
+        runs[name, jit] = trainer, results
+    reference, ref_results = runs["default", False]
+    for key in [("mirrored", False), ("mirrored", True)]:
+        trainer, results = runs[key]
+        assert trainer.strategy.num_replicas_in_sync == 2
+        assert trainer.step == 12
+        assert_all_close(values(trainer.model.weights), values(reference.model.weights), atol=1e-5)
+        assert_all_close(
+            values(trainer.optimizer.variables), values(reference.optimizer.variables), atol=1e-5
+        )
+        # Logged loss and metrics are replica means: the global-batch means.
+        for name in ("loss", "mae"):
+            assert results[name] == pytest.approx(ref_results[name], rel=1e-5)
+
+
+def test_resume_continues_with_same_optimizer_state(tmp_path):
+    strategy = make_strategy("mirrored")
+    full = make_trainer(strategy, tmp_path / "full", 16)
+    full.train(dataset())
+
+    first = make_trainer(strategy, tmp_path / "resumed", 8)
+    first.train(dataset())
+    saved_weights = values(first.model.weights)
+    saved_optimizer = values(first.optimizer.variables)
+
+    second = make_trainer(strategy, tmp_path / "resumed", 16)
+    assert second.restore() == 8
+    assert int(second.optimizer.iterations.numpy()) == 8
+    assert_all_close(values(second.model.weights), saved_weights, rtol=0, atol=0)
+    assert_all_close(values(second.optimizer.variables), saved_optimizer, rtol=0, atol=0)
+    # 8 steps are two whole passes, so the restarted iterator yields what the full run saw.
+    second.train(dataset())
+    assert second.step == 16 and int(second.optimizer.iterations.numpy()) == 16
+    assert_all_close(values(second.model.weights), values(full.model.weights), atol=1e-6)
+    assert_all_close(
+        values(second.optimizer.variables), values(full.optimizer.variables), atol=1e-6
+    )
+
+    done = make_trainer(strategy, tmp_path / "resumed", 16)
+    assert done.train(dataset()) == {}  # already at total_steps: nothing to do
+    assert done.step == 16
+
+
+def test_trainer_checks_its_inputs(tmp_path):
+    mirrored = make_strategy("mirrored")
+    model, optimizer = _workers.make_model_and_optimizer(make_strategy("default"))
+    with pytest.raises(ValueError, match="not created under this strategy's scope"):
+        Trainer(
+            strategy=mirrored,
+            model=model,
+            optimizer=optimizer,
+            train_step_fn=_workers.step_fn,
+            model_dir=str(tmp_path),
+            total_steps=1,
+        )
+    with mirrored.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match="optimizer was not created"):
+        Trainer(
+            strategy=mirrored,
+            model=model,
+            optimizer=optimizer,
+            train_step_fn=_workers.step_fn,
+            model_dir=str(tmp_path),
+            total_steps=1,
+        )
+
+    def vector_loss(model, batch, step):
+        x, y = batch
+        return tf.square(model(x) - y)[:, 0], {}
+
+    with pytest.raises(ValueError, match="scalar loss"):
+        make_trainer(mirrored, tmp_path / "a", 2, train_step_fn=vector_loss).train(dataset())
+
+    def nan_loss(model, batch, step):
+        loss, metrics = _workers.step_fn(model, batch, step)
+        return loss * np.nan, metrics
+
+    with pytest.raises(FloatingPointError, match="step 2"):
+        make_trainer(mirrored, tmp_path / "b", 4, log_every=2, train_step_fn=nan_loss).train(
+            dataset()
+        )
+
+
+def test_post_step_fn_and_step_argument(tmp_path):
+    """The step handed to step functions is the 0-based update number on every replica."""
+    strategy = make_strategy("mirrored")
+    with strategy.scope():
+        seen = tf.Variable(
+            tf.zeros([6], tf.int64), aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA
+        )
+
+    def post_step_fn(model, step):
+        seen.scatter_nd_update([[step]], [step + 1])
+
+    make_trainer(strategy, tmp_path, 6, post_step_fn=post_step_fn).train(dataset())
+    assert seen.numpy().tolist() == [1, 2, 3, 4, 5, 6]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_state_save_and_restore(tmp_path):
+    strategy = make_strategy("default")
+    model, optimizer = _workers.make_model_and_optimizer(strategy)
+    optimizer.build(model.trainable_variables)
+    generator = tf.random.Generator.from_seed(3)
+    state = CheckpointState(str(tmp_path), model=model, optimizer=optimizer, rng=generator)
+    assert state.restore_or_initialize() == 0 and state.latest_checkpoint is None
+    model.weights[0].assign(tf.ones([4, 1]))
+    generator.normal([2])
+    expected_rng = generator.state.numpy()
+    assert state.save(7).endswith("ckpt-7")
+
+    model2, optimizer2 = _workers.make_model_and_optimizer(strategy)
+    optimizer2.build(model2.trainable_variables)
+    generator2 = tf.random.Generator.from_seed(99)
+    state2 = CheckpointState(str(tmp_path), model=model2, optimizer=optimizer2, rng=generator2)
+    assert state2.restore_or_initialize() == 7
+    np.testing.assert_array_equal(model2.weights[0].numpy(), np.ones([4, 1]))
+    np.testing.assert_array_equal(generator2.state.numpy(), expected_rng)
+
+    # A model alone (e.g. for evaluation) restores with strict=False.
+    model3, _ = _workers.make_model_and_optimizer(strategy)
+    assert CheckpointState(str(tmp_path), model=model3).restore_or_initialize(strict=False) == 7
+    np.testing.assert_array_equal(model3.weights[0].numpy(), np.ones([4, 1]))
+
+
+@pytest.mark.parametrize("damage", ["truncate_index", "overwrite_data", "truncate_data"])
+def test_corrupt_checkpoint_raises_clear_error(tmp_path, damage):
+    strategy = make_strategy("default")
+    make_trainer(strategy, tmp_path, 4).train(dataset())
+    prefix = str(tmp_path / "ckpt-4")
+    if damage == "truncate_index":
+        path = prefix + ".index"
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    else:
+        (path,) = glob.glob(prefix + ".data-*")
+        size = os.path.getsize(path)
+        with open(path, "r+b") as f:
+            if damage == "overwrite_data":
+                f.write(b"\xff" * size)
+            else:
+                f.truncate(size // 2)
+    with pytest.raises(CheckpointError, match="corrupt or unreadable") as info:
+        make_trainer(strategy, tmp_path, 8).restore()
+    message = str(info.value)
+    assert prefix + ".index" in message and "Delete these files" in message
+    assert "fresh --model_dir" in message
+
+
+def test_checkpoint_of_another_model_raises_clear_error(tmp_path):
+    strategy = make_strategy("default")
+    make_trainer(strategy, tmp_path, 2).train(dataset())
+    for layers in ([keras.layers.Dense(2)], [keras.layers.Dense(1), keras.layers.Dense(1)]):
+        model = keras.Sequential([keras.Input((4,)), *layers])
+        trainer = Trainer(
+            strategy=strategy,
+            model=model,
+            optimizer=keras.optimizers.Adam(),
+            train_step_fn=_workers.step_fn,
+            model_dir=str(tmp_path),
+            total_steps=4,
+        )
+        with pytest.raises(CheckpointError, match="different model") as info:
+            trainer.restore()
+        assert str(tmp_path / "ckpt-2") in str(info.value)
+
+
+def test_missing_checkpoint_index_file_raises(tmp_path):
+    strategy = make_strategy("default")
+    make_trainer(strategy, tmp_path, 2).train(dataset())
+    os.remove(tmp_path / "checkpoint")
+    with pytest.raises(CheckpointError, match="index file"):
+        make_trainer(strategy, tmp_path, 4).restore()
+
+
+def test_kill_and_restart_resumes_from_saved_step(tmp_path):
+    """SIGKILL a training process after it has saved; the restart continues from there."""
+    model_dir = tmp_path / "run"
+    env = worker_env()
+    cmd = worker_cmd(model_dir, 10**7, tmp_path / "first.json", checkpoint_every=10)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            latest = tf.train.latest_checkpoint(str(model_dir))
+            if latest and int(latest.rsplit("-", 1)[1]) >= 20:
+                break
+            assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint written in time"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    saved = int(tf.train.latest_checkpoint(str(model_dir)).rsplit("-", 1)[1])
+
+    out = tmp_path / "second.json"
+    proc2 = run_worker(worker_cmd(model_dir, saved + 10, out, checkpoint_every=10), env)
+    result = json.loads(out.read_text())
+    assert f"start_step={saved}" in proc2.stdout
+    assert result["start_step"] == saved
+    assert result["final_step"] == result["optimizer_iterations"] == saved + 10
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith(f"ckpt-{saved + 10}")
+
+
+def test_multi_worker_mirrored_two_processes(tmp_path):
+    """Two workers on 127.0.0.1 train in lockstep and end with identical weights."""
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    model_dir = tmp_path / "run"
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        tmpdir = tmp_path / f"tmp{index}"
+        tmpdir.mkdir()
+        env = worker_env(TF_CONFIG=tf_config, TMPDIR=str(tmpdir))
+        cmd = worker_cmd(
+            model_dir,
+            12,
+            tmp_path / f"out{index}.json",
+            strategy="multi_worker_mirrored",
+            checkpoint_every=6,
+            global_batch=16,
+        )
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err.decode()[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    results = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+    assert [r["task"] for r in results] == [["worker", 0], ["worker", 1]]
+    for r in results:
+        assert r["num_replicas"] == 2 and r["final_step"] == r["optimizer_iterations"] == 12
+    for w0, w1 in zip(results[0]["weights"], results[1]["weights"], strict=True):
+        np.testing.assert_array_equal(np.asarray(w0), np.asarray(w1))
+    assert np.abs(np.asarray(results[0]["weights"][0])).sum() > 0  # it trained
+    # Only the chief (worker 0) wrote into model_dir; worker 1's temp copies are gone.
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-12")
+    assert os.listdir(tmp_path / "tmp1") == []
+
+
+# --------------------------------------------------------------------------- configs, images
+
+
+def test_config_round_trip(tmp_path):
+    config = _RunConfig(name="x", data=_Data(batch_size=8, shape=(2, 3)), note="n")
+    path = write_config(str(tmp_path), config)
+    assert json.loads(open(path).read())["data"] == {"batch_size": 8, "shape": [2, 3]}
+    assert read_config(str(tmp_path), _RunConfig) == config
+    assert read_config(str(tmp_path))["name"] == "x"
+    write_config(str(tmp_path), {"name": "y", "unknown": 1})
+    with pytest.raises(ValueError, match="unknown"):
+        read_config(str(tmp_path), _RunConfig)
+    with pytest.raises(FileNotFoundError):
+        read_config(str(tmp_path / "nowhere"))
+    with pytest.raises(TypeError, match="field 'bad'"):
+        write_config(str(tmp_path), {"bad": object()})
+
+
+def test_save_image_grid(tmp_path):
+    images = np.zeros([5, 6, 7, 3], np.float32)
+    images[0] = 1.0
+    images[4, :, :, 0] = 0.5
+    path = save_image_grid(images, str(tmp_path / "sub" / "grid.png"), nrow=3)
+    grid = tf.io.decode_png(tf.io.read_file(path)).numpy()
+    assert grid.shape == (2 * (6 + 2) + 2, 3 * (7 + 2) + 2, 3)
+    assert (grid[2:8, 2:9] == 255).all()  # image 0: white
+    assert (grid[2:8, 11:18] == 0).all()  # image 1: black
+    assert (grid[10:16, 11:18, 0] == 128).all()  # image 4 at row 1, column 1
+    assert (grid[:2] == 255).all()  # white border
+    assert make_image_grid(images[:, :, :, :1], nrow=8).shape == (10, 5 * 9 + 2, 1)
+    with pytest.raises(ValueError, match="channels"):
+        make_image_grid(np.zeros([1, 2, 2, 2]))
+    assert image_summary("x", images, 0) is False  # no default writer

@@ -1,0 +1,120 @@
+"""The dataset registry: `names`, `spec` and `load`, one entry point for every pipeline."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tf_iresnet.datasets import core, images, toy2d
+
+__all__ = ["load", "names", "spec"]
+
+_SPECS: dict[str, core.DatasetSpec] = {**images.SPECS, **toy2d.SPECS}
+
+
+def names() -> list[str]:
+    """Every dataset name `load` accepts: the image sets first, then the toy 2-D sets."""
+    return list(_SPECS)
+
+
+def spec(name: str) -> core.DatasetSpec:
+    """The `DatasetSpec` of dataset `name`, without loading anything.
+
+    Raises:
+      ValueError: for an unknown name (the message lists the known ones).
+    """
+    try:
+        return _SPECS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"Unknown dataset {name!r}; known datasets: {names()}.") from None
+
+
+def load(
+    name: str,
+    split: str = "train",
+    *,
+    batch_size: int,
+    shuffle: bool = True,
+    repeat: bool = True,
+    dequantize: bool = True,
+    augment: bool = False,
+    with_labels: bool = False,
+    seed: int = 0,
+    data_dir: str | None = None,
+    drop_remainder: bool = True,
+    num_examples: int | None = None,
+) -> tf.data.Dataset:
+    """Builds a batched, prefetched `tf.data` pipeline for dataset `name`.
+
+    Images come out as float32 [B, H, W, C] in [0, 1] (see `tf_iresnet.datasets.images` for
+    dequantization and augmentation); the toy sets as float32 [B, 2] (see `toy2d`). The output
+    is a deterministic function of `seed` (shuffle order, dequantization noise, augmentation,
+    toy samples), given a deterministic source.
+
+    Args:
+      name: a name from `names()`.
+      split: "train" or "test" (celeb_a also "validation", svhn_cropped also "extra"); the tfds
+        sets accept tfds slicing on those names, e.g. "train[:5000]".
+      batch_size: examples per batch (positive).
+      shuffle: shuffle examples (and tfds files) with `seed`. No effect on the toy "train"
+        stream, which is i.i.d. anyway.
+      repeat: loop forever. The toy "train" split is an infinite stream and requires it unless
+        `num_examples` makes it a finite sample.
+      dequantize: images only: uniform dequantization (v + u) / L if True, bin centres
+        (v + 0.5) / L if False. Ignored for vectors.
+      augment: classification only (requires `with_labels`): pad-4 random crop (+ horizontal
+        flip for cifar10/cifar100; crop only for svhn_cropped; no-op for the other image sets).
+        Never augment data for density estimation.
+      with_labels: yield (x, label) with int32 labels [B] instead of x.
+      seed: integer seed of every random choice in the pipeline.
+      data_dir: tfds data directory (None: the tfds default).
+      drop_remainder: drop a last, smaller batch.
+      num_examples: use only the first `num_examples` examples of the split (for quick tests
+        and evaluation); for the toy "train" split, a fixed sample of that many points.
+
+    Returns:
+      A `tf.data.Dataset` of x or (x, label) batches.
+
+    Raises:
+      ValueError: unknown dataset or split, batch_size <= 0, num_examples <= 0, augment on a
+        vector dataset or without labels, with_labels on an unlabeled dataset, a finite pass
+        (repeat=False) over an infinite toy stream.
+    """
+    ds_spec = spec(name)
+    core.check_split(ds_spec, split, allow_slicing=ds_spec.source == "tfds")
+    core.check_batch_size(batch_size)
+    core.check_num_examples(num_examples)
+    if with_labels and ds_spec.num_classes is None:
+        raise ValueError(f"Dataset {name!r} has no labels; use with_labels=False.")
+    if augment and ds_spec.kind != core.IMAGE:
+        raise ValueError(f"augment=True is only defined for image datasets, not {name!r}.")
+    if augment and not with_labels:
+        raise ValueError(
+            "augment=True is meant for classifiers (with_labels=True): a density model must be "
+            "trained on the unaugmented data distribution."
+        )
+    batch_size = int(batch_size)
+    if ds_spec.kind == core.VECTOR:
+        return toy2d.load_toy(
+            ds_spec,
+            split,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            repeat=repeat,
+            seed=seed,
+            drop_remainder=drop_remainder,
+            num_examples=num_examples,
+        )
+    return images.load_images(
+        ds_spec,
+        split,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        repeat=repeat,
+        dequantize=dequantize,
+        augment=augment,
+        with_labels=with_labels,
+        seed=seed,
+        data_dir=data_dir,
+        drop_remainder=drop_remainder,
+        num_examples=num_examples,
+    )

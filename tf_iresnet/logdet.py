@@ -1,0 +1,224 @@
+"""Estimators of ``log|det(I + J_g(x))|`` for a contractive residual branch g.
+
+For ``Lip(g) < 1`` the matrix logarithm has the convergent power series
+
+    log det(I + J) = tr log(I + J) = sum_{k>=1} (-1)^(k+1) tr(J^k) / k,
+
+and each trace is estimated with Hutchinson's estimator ``tr(A) = E[v^T A v]`` (``E[v v^T] = I``).
+One probe ``v`` is shared by all k: ``w_k = v^T J^k`` is a chain of vector-Jacobian products
+(``w_k = vjp(w_{k-1})``), so k terms cost k backward passes through g and one forward pass.
+
+Estimators (all return per-example values, shape ``[B]``):
+
+* ``"exact"``: ``slogdet(I + J)`` from the full Jacobian (``batch_jacobian``); small events only.
+* ``"series"``: the series truncated after ``n_terms`` terms (Behrmann et al., 2019); biased.
+* ``"unbiased"``: Russian roulette (Chen et al., 2019): ``n_exact_terms`` terms always, plus a
+  random number ``N`` of further terms (``Geometric`` or ``Poisson``), term k weighted by
+  ``1 / P(N >= k - n_exact_terms)``, which makes the estimator unbiased.
+
+With ``neumann_gradient=True`` the gradient comes from the Neumann series of
+``d log det(I + J) = tr((I + J)^-1 dJ) = sum_{k>=0} (-1)^k tr(J^k dJ)``: the vector
+``u = sum_k (-1)^k v^T J^k`` is computed outside the gradient (``stop_gradient``), and only one
+differentiable product ``(u^T J) v`` is kept, so memory does not grow with the number of terms.
+The returned *value* is still the log-det estimate (the surrogate only carries the gradient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+METHODS = ("exact", "series", "unbiased", "none")
+PROBES = ("gaussian", "rademacher")
+ROULETTES = ("geometric", "poisson")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogDetConfig:
+    """Settings of a log-det estimator.
+
+    Attributes:
+      method: one of ``METHODS``; ``"none"`` skips the log-det (forward pass only).
+      n_terms: terms of the truncated series (``"series"``).
+      n_samples: Hutchinson probes per example (averaged).
+      probe: ``"gaussian"`` or ``"rademacher"``.
+      n_exact_terms: terms always computed by ``"unbiased"``.
+      roulette: distribution of the extra term count N for ``"unbiased"``.
+      roulette_param: success probability p of ``Geometric(p)`` (N = failures before the first
+        success, so ``P(N >= m) = (1 - p)^m``) or rate of ``Poisson``.
+      max_roulette_terms: hard cap on N (keeps graphs finite; with the defaults the capped mass
+        ``P(N > cap)`` is below 1e-9).
+      neumann_gradient: memory-saving gradient (see the module docstring).
+    """
+
+    method: str = "series"
+    n_terms: int = 5
+    n_samples: int = 1
+    probe: str = "gaussian"
+    n_exact_terms: int = 2
+    roulette: str = "geometric"
+    roulette_param: float = 0.5
+    max_roulette_terms: int = 30
+    neumann_gradient: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"logdet must be one of {METHODS}, got {self.method!r}.")
+        if self.probe not in PROBES:
+            raise ValueError(f"probe must be one of {PROBES}, got {self.probe!r}.")
+        if self.roulette not in ROULETTES:
+            raise ValueError(f"roulette must be one of {ROULETTES}, got {self.roulette!r}.")
+        for field, low in (("n_terms", 1), ("n_samples", 1), ("n_exact_terms", 0),
+                           ("max_roulette_terms", 1)):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{field} must be an integer >= {low}, got {value!r}.")
+        if self.roulette == "geometric" and not 0.0 < self.roulette_param < 1.0:
+            raise ValueError(
+                f"roulette_param (geometric success probability) must be in (0, 1), "
+                f"got {self.roulette_param}."
+            )
+        if self.roulette == "poisson" and not self.roulette_param > 0.0:
+            raise ValueError(f"roulette_param (Poisson rate) must be > 0, got {self.roulette_param}.")
+
+    @property
+    def max_terms(self) -> int:
+        """Largest number of series terms a single estimate can use."""
+        if self.method == "unbiased":
+            return self.n_exact_terms + self.max_roulette_terms
+        return self.n_terms
+
+    def survival(self, m: tf.Tensor) -> tf.Tensor:
+        """``P(N >= m)`` for the roulette's N, m >= 0 (float)."""
+        m = tf.cast(m, tf.float32)
+        if self.roulette == "geometric":
+            return tf.pow(1.0 - self.roulette_param, m)
+        rate = tf.constant(self.roulette_param, tf.float32)
+        # P(N >= m) = 1 - CDF(m - 1) = regularized lower incomplete gamma P(m, rate) for m >= 1.
+        return tf.where(m <= 0.0, 1.0, tf.math.igamma(tf.maximum(m, 1.0), rate))
+
+
+def _sample_roulette(config: LogDetConfig, seed) -> tf.Tensor:
+    """Draws the extra term count N (int32 scalar) from a stateless RNG."""
+    if config.roulette == "geometric":
+        u = tf.random.stateless_uniform([], seed=seed, minval=1e-12, maxval=1.0)
+        n = tf.floor(tf.math.log(u) / tf.math.log1p(-config.roulette_param))
+    else:
+        n = tf.random.stateless_poisson([], seed=seed, lam=config.roulette_param, dtype=tf.float32)
+    return tf.cast(tf.minimum(n, float(config.max_roulette_terms)), tf.int32)
+
+
+def _probe(shape, dtype, kind: str, seed) -> tf.Tensor:
+    if kind == "gaussian":
+        return tf.random.stateless_normal(shape, seed=seed, dtype=dtype)
+    return tf.cast(
+        2 * tf.random.stateless_uniform(shape, seed=seed, minval=0, maxval=2, dtype=tf.int32) - 1,
+        dtype,
+    )
+
+
+def as_stateless_seed(seed) -> tf.Tensor:
+    """A shape-[2] int32 stateless seed: ints and [2] tensors map deterministically, ``None``
+    draws a fresh seed from TF's global (stateful) RNG on every execution."""
+    if seed is None:
+        return tfp.random.sanitize_seed(None)
+    if isinstance(seed, int):
+        return tf.constant([seed % 2**31, 0x1E5], tf.int32)
+    return tf.cast(tf.convert_to_tensor(seed), tf.int32)
+
+
+def _event_sum(t: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_sum(tf.reshape(t, [tf.shape(t)[0], -1]), axis=1)
+
+
+def exact_logdet(tape: tf.GradientTape, gx: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    """``log|det(I + dg/dx)|`` per example from the full Jacobian; x, gx: ``[B, ...]``."""
+    jac = tape.batch_jacobian(gx, x)
+    batch = tf.shape(x)[0]
+    dim = tf.reduce_prod(tf.shape(x)[1:])
+    jac = tf.reshape(jac, [batch, dim, dim])
+    _, logabsdet = tf.linalg.slogdet(tf.eye(dim, dtype=jac.dtype) + jac)
+    return logabsdet
+
+
+def residual_and_logdet(
+    g: Callable[[tf.Tensor], tf.Tensor],
+    x: tf.Tensor,
+    config: LogDetConfig,
+    seed=None,
+) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """Evaluates ``g(x)`` once and estimates ``log|det(I + J_g(x))|`` from that evaluation.
+
+    Args:
+      g: residual branch ``[B, ...] -> [B, ...]``, examples processed independently.
+      x: ``[B, ...]`` input.
+      config: estimator settings.
+      seed: stateless seed (int or shape-[2] int tensor) for probes and the roulette; ``None``
+        draws a fresh one from TF's global RNG (different on every call and replica).
+
+    Returns:
+      ``(g(x), logdet)`` with logdet of shape ``[B]`` (``None`` for ``method="none"``).
+    """
+    if config.method == "none":
+        return g(x), None
+    seed = as_stateless_seed(seed)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        gx = g(x)
+    if config.method == "exact":
+        return gx, exact_logdet(tape, gx, x)
+
+    def vjp(w):
+        return tape.gradient(gx, x, output_gradients=w,
+                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    roulette_seed, probe_seed = tfp.random.split_seed(seed, n=2)
+    if config.method == "unbiased":
+        n_total = config.n_exact_terms + _sample_roulette(config, roulette_seed)
+    else:
+        n_total = tf.constant(config.n_terms, tf.int32)
+    probe_seeds = tfp.random.split_seed(probe_seed, n=config.n_samples)
+
+    def weight(k):
+        """Coefficient of ``v^T J^k v`` in the estimate, k >= 1 (python int)."""
+        sign = 1.0 if k % 2 == 1 else -1.0
+        w = sign / k
+        if config.method == "unbiased" and k > config.n_exact_terms:
+            w = w / config.survival(k - config.n_exact_terms)
+        return w
+
+    def neumann_weight(k):
+        """Coefficient of ``v^T J^k`` in the gradient vector, k >= 0."""
+        w = 1.0 if k % 2 == 0 else -1.0
+        if config.method == "unbiased" and k + 1 > config.n_exact_terms:
+            w = w / config.survival(k + 1 - config.n_exact_terms)
+        return w
+
+    estimates = []
+    for s in range(config.n_samples):
+        v = _probe(tf.shape(x), x.dtype, config.probe, probe_seeds[s])
+        w = v
+        total = tf.zeros([tf.shape(x)[0]], x.dtype)
+        grad_vec = tf.zeros_like(x)  # Neumann: sum_k (-1)^k v^T J^k, outside the gradient.
+        for k in range(1, config.max_terms + 1):
+            active = k <= n_total
+            if config.neumann_gradient:
+                grad_vec += tf.cast(active, x.dtype) * neumann_weight(k - 1) * tf.stop_gradient(w)
+            if config.method == "unbiased" and k > config.n_exact_terms:
+                # Only the first n_total products are evaluated (dynamic count, static graph).
+                w = tf.cond(active, lambda w=w: vjp(w), lambda w=w: tf.zeros_like(w))
+            else:
+                w = vjp(w)
+            if config.neumann_gradient:
+                w = tf.stop_gradient(w)
+            total += tf.cast(active, x.dtype) * weight(k) * _event_sum(w * v)
+        if config.neumann_gradient:
+            # d/dtheta of (u^T J) v with u held fixed is u^T dJ v = sum_k (-1)^k v^T J^k dJ v.
+            surrogate = _event_sum(vjp(tf.stop_gradient(grad_vec)) * v)
+            total = tf.stop_gradient(total) + surrogate - tf.stop_gradient(surrogate)
+        estimates.append(total)
+    logdet = tf.add_n(estimates) / config.n_samples
+    return gx, logdet

@@ -1,0 +1,431 @@
+"""The custom training loop shared by the density and classifier binaries.
+
+Why not `model.fit`: in Keras 3.15 it fails under `MultiWorkerMirroredStrategy`, and the
+i-ResNet objectives (log-det estimators with a step-keyed random number of terms, extra power
+iterations after each update) want a step function we control. One loop serves every strategy.
+
+#### The step-function contract
+
+`train_step_fn(model, batch, step) -> (loss, metrics)` runs once per replica per step, in
+replica context, inside the tape the loop differentiates:
+
+* `model`: the Keras model given to the `Trainer`.
+* `batch`: this replica's part of the global batch, as the dataset yields it (any nest).
+* `step`: int64 scalar tensor, the global step of this update (0 for the first update), equal
+  on every replica and every worker; use it to key stateless randomness that must agree across
+  replicas (e.g. the random number of log-det terms).
+* `loss`: float scalar tensor, the MEAN of the per-example objective over this replica's batch,
+  i.e. exactly what one would minimise on a single device. The loop divides it by
+  `strategy.num_replicas_in_sync` before differentiating, so the gradients the optimizer sums
+  over replicas are the gradient of the global-batch mean (replicas get equal batch sizes from
+  `experimental_distribute_dataset` when the global batch divides evenly). Include any
+  regularisation (e.g. `sum(model.losses)`) yourself: the loop adds nothing.
+* `metrics`: dict of name -> float scalar tensor (per-replica means) to log; not
+  differentiated. The loop averages them over replicas, then over the logging interval.
+
+The names `loss`, `learning_rate` and `steps_per_second` are reserved for the loop's own logs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tf_iresnet.training import summaries
+from tf_iresnet.training.checkpoint import CheckpointState
+from tf_iresnet.training.config import config_to_dict, read_config, write_config
+from tf_iresnet.training.strategy import is_chief
+
+TrainStepFn = Callable[[keras.Model, Any, tf.Tensor], tuple[tf.Tensor, Mapping[str, tf.Tensor]]]
+PostStepFn = Callable[[keras.Model, tf.Tensor], Any]
+EvalFn = Callable[[int], "Mapping[str, Any] | None"]
+
+RESERVED_NAMES = ("loss", "learning_rate", "steps_per_second")
+
+
+class Trainer:
+    """Runs `train_step_fn` under a strategy with checkpoints, resume, logs and evaluation.
+
+    Per step (one `tf.function` call, no host synchronisation): each replica computes its
+    loss and gradients (optionally XLA-compiled), the Keras optimizer all-reduces (sums) the
+    gradients and applies them, `post_step_fn` runs, the step counter increments, and the loss
+    and metrics are averaged over replicas. Every `log_every` steps the chief writes the
+    interval means of loss and metrics, the learning rate and the speed to TensorBoard
+    (`model_dir/train`) and to a progress bar; every `eval_every` steps it calls `eval_fn`
+    (results to `model_dir/eval`); every `checkpoint_every` steps and at the end all workers
+    save (only the chief's copy is kept). A new `Trainer` on the same `model_dir` resumes from
+    the newest checkpoint: same step, weights and optimizer state; the data iterator restarts.
+
+    #### Examples
+
+    ```python
+    strategy = make_strategy("mirrored")
+    with strategy.scope():
+        model = build_model()                      # built: its variables exist
+        optimizer = keras.optimizers.Adam(WarmupSchedule(1e-3, 1000))
+
+    def step_fn(model, batch, step):
+        x, y = batch
+        per_example = keras.losses.mean_squared_error(y, model(x, training=True))
+        return tf.reduce_mean(per_example), {"mse": tf.reduce_mean(per_example)}
+
+    trainer = Trainer(strategy=strategy, model=model, optimizer=optimizer,
+                      train_step_fn=step_fn, model_dir="/tmp/run", total_steps=10_000)
+    trainer.train(dataset.repeat().batch(global_batch_size))
+    ```
+
+    Args:
+      strategy: the strategy the model and optimizer were created under.
+      model: Keras model, built under `strategy.scope()`.
+      optimizer: Keras optimizer, created under `strategy.scope()`; built here if needed.
+      train_step_fn: see the module docstring for the contract.
+      model_dir: run directory for checkpoints, `config.json` and TensorBoard logs.
+      total_steps: train until the step counter reaches this.
+      log_every: steps between TensorBoard/progress-bar updates. Default 100.
+      checkpoint_every: steps between checkpoints (one is also saved at the end); 0 saves
+        only at the end. Default 1000.
+      eval_every: steps between `eval_fn` calls (it is also called at the end); 0 calls it only
+        at the end. Default 0.
+      eval_fn: `eval_fn(step) -> dict of name -> scalar, or None`, called on the chief only,
+        with the `model_dir/eval` summary writer as default writer (so it may also write e.g.
+        `image_summary`). It must not run cross-worker collectives.
+      post_step_fn: optional `post_step_fn(model, step)`, traced into the step after the
+        optimizer update, in replica context (e.g. extra power iterations). Variables it assigns
+        need an aggregation (`"mean"` or `"only_first_replica"`) under mirrored strategies.
+      jit_compile: XLA-compile the per-replica forward and backward pass (the optimizer update
+        stays outside XLA, since its cross-replica merge is not compilable).
+      max_to_keep: checkpoints kept. Default 3.
+      config: optional dataclass or dict, written to `model_dir/config.json` by the chief.
+      checkpoint_items: extra trackables to checkpoint (e.g. a `tf.random.Generator`).
+      progress: show a `keras.utils.Progbar` on the chief. Default True.
+      stop_on_nan: raise `FloatingPointError` when a logged loss is not finite. Default True.
+
+    Raises:
+      ValueError: for bad step counts, or a model/optimizer not created under the strategy.
+    """
+
+    def __init__(
+        self,
+        *,
+        strategy: tf.distribute.Strategy,
+        model: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        train_step_fn: TrainStepFn,
+        model_dir: str,
+        total_steps: int,
+        log_every: int = 100,
+        checkpoint_every: int = 1000,
+        eval_every: int = 0,
+        eval_fn: EvalFn | None = None,
+        post_step_fn: PostStepFn | None = None,
+        jit_compile: bool = False,
+        max_to_keep: int = 3,
+        config: Any = None,
+        checkpoint_items: Mapping[str, Any] | None = None,
+        progress: bool = True,
+        stop_on_nan: bool = True,
+    ):
+        if total_steps < 0 or log_every < 1 or checkpoint_every < 0 or eval_every < 0:
+            raise ValueError(
+                "Need total_steps >= 0, log_every >= 1, checkpoint_every >= 0 and "
+                f"eval_every >= 0; got {total_steps}, {log_every}, {checkpoint_every}, "
+                f"{eval_every}."
+            )
+        _check_created_in_scope(strategy, model, optimizer)
+        self.strategy = strategy
+        self.model = model
+        self.optimizer = optimizer
+        self.train_step_fn = train_step_fn
+        self.post_step_fn = post_step_fn
+        self.eval_fn = eval_fn
+        self.model_dir = model_dir
+        self.total_steps = int(total_steps)
+        self.log_every = int(log_every)
+        self.checkpoint_every = int(checkpoint_every)
+        self.eval_every = int(eval_every)
+        self.jit_compile = bool(jit_compile)
+        self.progress = progress
+        self.stop_on_nan = stop_on_nan
+        self.is_chief = is_chief(strategy)
+
+        with strategy.scope():
+            self.step_var = tf.Variable(
+                0,
+                dtype=tf.int64,
+                trainable=False,
+                name="global_step",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+            if not optimizer.built:
+                optimizer.build(model.trainable_variables)
+        self.checkpoint = CheckpointState(
+            model_dir,
+            model=model,
+            optimizer=optimizer,
+            step=self.step_var,
+            strategy=strategy,
+            max_to_keep=max_to_keep,
+            **dict(checkpoint_items or {}),
+        )
+        if self.is_chief:
+            tf.io.gfile.makedirs(model_dir)
+            if config is not None:
+                _warn_if_config_changed(model_dir, config)
+                write_config(model_dir, config)
+            self._train_writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
+            self._eval_writer = (
+                tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
+                if eval_fn is not None
+                else tf.summary.create_noop_writer()
+            )
+        else:
+            self._train_writer = tf.summary.create_noop_writer()
+            self._eval_writer = tf.summary.create_noop_writer()
+        self._restored = False
+        self._step_function = tf.function(self._distributed_step, reduce_retracing=True)
+        self._grads_fn = (
+            tf.function(self._replica_grads, jit_compile=True)
+            if self.jit_compile
+            else self._replica_grads
+        )
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def step(self) -> int:
+        """The number of optimizer steps taken so far (the step counter's value)."""
+        return int(self.step_var.numpy())
+
+    def restore(self) -> int:
+        """Restores the newest checkpoint of `model_dir`, if any; returns the step to resume at.
+
+        Raises:
+          CheckpointError: the checkpoint is corrupt, unreadable, or of another model.
+        """
+        step = self.checkpoint.restore_or_initialize()
+        self._restored = True
+        if step and self.is_chief:
+            logging.info("Restored %s at step %d.", self.checkpoint.latest_checkpoint, step)
+        return step
+
+    def save(self) -> str | None:
+        """Saves a checkpoint at the current step (every worker must call this)."""
+        path = self.checkpoint.save()
+        if path:
+            logging.info("Saved checkpoint %s.", path)
+        return path
+
+    # ---------------------------------------------------------------- the step
+
+    def _replica_grads(self, batch: Any, step: tf.Tensor):
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            loss, metrics = self.train_step_fn(self.model, batch, step)
+            loss = tf.convert_to_tensor(loss)
+            if loss.shape.rank != 0:
+                raise ValueError(
+                    "train_step_fn must return a scalar loss (the mean over this replica's "
+                    f"batch), got shape {loss.shape}."
+                )
+            scaled = loss / tf.cast(self.strategy.num_replicas_in_sync, loss.dtype)
+            scaled = self.optimizer.scale_loss(scaled)  # identity unless loss scaling is on
+        grads = tape.gradient(scaled, variables)
+        return loss, _check_metrics(metrics), grads
+
+    def _replica_step(self, batch: Any, step: tf.Tensor):
+        loss, metrics, grads = self._grads_fn(batch, step)
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
+        if self.post_step_fn is not None:
+            self.post_step_fn(self.model, step)
+        return tf.cast(loss, tf.float32), metrics
+
+    def _distributed_step(self, batch: Any):
+        step = self.step_var.read_value()
+        learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
+        loss, metrics = self.strategy.run(self._replica_step, args=(batch, step))
+        mean = tf.distribute.ReduceOp.MEAN
+        loss = self.strategy.reduce(mean, loss, axis=None)
+        metrics = {k: self.strategy.reduce(mean, v, axis=None) for k, v in metrics.items()}
+        with tf.control_dependencies([loss, *metrics.values()]):
+            self.step_var.assign_add(1)
+        return loss, metrics, learning_rate
+
+    def train_step(self, batch: Any) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor]:
+        """Runs one distributed step on `batch` (a distributed batch).
+
+        Returns:
+          (loss, metrics, learning_rate): replica means of the loss and metrics, and the rate
+          the optimizer used, as tensors (no host synchronisation).
+        """
+        return self._step_function(batch)
+
+    # ---------------------------------------------------------------- the loop
+
+    def train(self, dataset: tf.data.Dataset | Iterable) -> dict[str, float]:
+        """Trains from the current (restored) step up to `total_steps`.
+
+        Args:
+          dataset: a `tf.data.Dataset` of global batches (distributed here with
+            `strategy.experimental_distribute_dataset`; batch it with the global batch size and
+            `.repeat()` it), or an already distributed dataset. A finite dataset is restarted
+            when exhausted (avoid that under multi-worker: workers may run out unevenly).
+
+        Returns:
+          The last logged values: `loss`, each metric, `learning_rate`, `steps_per_second`,
+          and the last evaluation results as `eval/<name>`.
+
+        Raises:
+          FloatingPointError: a logged loss is NaN or infinite (with `stop_on_nan`).
+          CheckpointError: from restoring (see `restore`).
+        """
+        start = self.restore() if not self._restored else self.step
+        results: dict[str, float] = {}
+        if start >= self.total_steps:
+            logging.info("Step %d >= total_steps %d: nothing to train.", start, self.total_steps)
+            return results
+        if isinstance(dataset, tf.data.Dataset):
+            dataset = self.strategy.experimental_distribute_dataset(dataset)
+        iterator = iter(dataset)
+        progbar = None
+        if self.is_chief and self.progress:
+            print(f"Training steps {start} -> {self.total_steps} in {self.model_dir}")
+            progbar = keras.utils.Progbar(
+                self.total_steps - start, stateful_metrics=None, stateless_metrics=()
+            )
+        step, last_saved, last_eval = start, start, -1
+        sums: dict[str, tf.Tensor] = {}
+        count, tick = 0, time.perf_counter()
+        while step < self.total_steps:
+            batch, iterator = _next_batch(iterator, dataset)
+            loss, metrics, learning_rate = self.train_step(batch)
+            step += 1
+            count += 1
+            for name, value in {"loss": loss, **metrics}.items():
+                sums[name] = value if name not in sums else sums[name] + value
+            if step % self.log_every == 0 or step == self.total_steps:
+                logs = {k: float(v) / count for k, v in sums.items()}
+                logs["learning_rate"] = float(learning_rate)
+                now = time.perf_counter()
+                logs["steps_per_second"] = count / max(now - tick, 1e-9)
+                sums, count, tick = {}, 0, now
+                self._write_scalars(self._train_writer, logs, step)
+                if progbar is not None:
+                    progbar.update(step - start, values=list(logs.items()))
+                results.update(logs)
+                if self.stop_on_nan and not math.isfinite(logs["loss"]):
+                    raise FloatingPointError(
+                        f"Loss is {logs['loss']} at step {step}; the last checkpoint is "
+                        f"{self.checkpoint.latest_checkpoint}."
+                    )
+            if self.eval_every and step % self.eval_every == 0:
+                results.update(self._evaluate(step))
+                last_eval = step
+            if self.checkpoint_every and step % self.checkpoint_every == 0:
+                self.save()
+                last_saved = step
+        if last_saved != step:
+            self.save()
+        if self.eval_fn is not None and last_eval != step:
+            results.update(self._evaluate(step))
+        self._train_writer.flush()
+        self._eval_writer.flush()
+        return results
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        if self.eval_fn is None or not self.is_chief:
+            return {}
+        with self._eval_writer.as_default(step=step):
+            values = self.eval_fn(step) or {}
+        values = {k: float(v) for k, v in values.items()}
+        self._write_scalars(self._eval_writer, values, step)
+        if values:
+            text = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+            logging.info("Evaluation at step %d: %s", step, text)
+            if self.progress:
+                print(f"\nEvaluation at step {step}: {text}")
+        return {f"eval/{k}": v for k, v in values.items()}
+
+    @staticmethod
+    def _write_scalars(writer, values: Mapping[str, float], step: int) -> None:
+        with writer.as_default():
+            for name, value in values.items():
+                summaries.scalar(name, value, step=step)
+
+
+def fit(
+    dataset: tf.data.Dataset | Iterable,
+    **trainer_kwargs: Any,
+) -> dict[str, float]:
+    """Builds a `Trainer(**trainer_kwargs)` and trains it on `dataset`; see `Trainer.train`."""
+    return Trainer(**trainer_kwargs).train(dataset)
+
+
+def _next_batch(iterator, dataset):
+    try:
+        return next(iterator), iterator
+    except (StopIteration, tf.errors.OutOfRangeError):
+        logging.info("Training data exhausted; starting another pass.")
+        iterator = iter(dataset)
+        try:
+            return next(iterator), iterator
+        except (StopIteration, tf.errors.OutOfRangeError):
+            raise ValueError("The training dataset yields no batch.") from None
+
+
+def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, tf.Tensor]:
+    out = {}
+    for name, value in dict(metrics or {}).items():
+        if not isinstance(name, str) or not name or name in RESERVED_NAMES:
+            raise ValueError(
+                f"Metric names must be non-empty strings other than {RESERVED_NAMES}; got {name!r}."
+            )
+        value = tf.convert_to_tensor(value)
+        if value.shape.rank != 0:
+            raise ValueError(f"Metric {name!r} must be a scalar, got shape {value.shape}.")
+        out[name] = tf.cast(value, tf.float32)
+    return out
+
+
+def _check_created_in_scope(strategy, model: keras.Model, optimizer) -> None:
+    if not model.built or not model.variables:
+        raise ValueError(
+            "Build the model (create its variables, e.g. by calling it on a batch) under "
+            "strategy.scope() before making the Trainer."
+        )
+    extended = strategy.extended
+    outside = [v.path for v in model.variables if not extended.variable_created_in_scope(v.value)]
+    if outside:
+        raise ValueError(
+            f"Model variables {outside[:3]} were not created under this strategy's scope(); "
+            "build the model inside `with strategy.scope():`."
+        )
+    # Keras' TF optimizer records the strategy current at construction (private attribute).
+    opt_strategy = getattr(optimizer, "_distribution_strategy", strategy)
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:
+        opt_strategy = getattr(inner, "_distribution_strategy", opt_strategy)
+    if opt_strategy is not strategy:
+        raise ValueError(
+            "The optimizer was not created under this strategy's scope(); create it inside "
+            "`with strategy.scope():`."
+        )
+
+
+def _warn_if_config_changed(model_dir: str, config: Any) -> None:
+    try:
+        old = read_config(model_dir)
+    except (FileNotFoundError, ValueError):
+        return
+    new = config_to_dict(config)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        logging.warning(
+            "config.json in %s changes in %s; the old file is replaced.", model_dir, changed
+        )
