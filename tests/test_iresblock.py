@@ -127,7 +127,7 @@ def test_series_converges_to_exact(dense_g):
     exact, jac = _exact_logdet(dense_g, x0)
     errors = [abs(_truncated_series(jac[0].astype(np.float64), n) - exact[0])
               for n in (1, 2, 5, 10, 20)]
-    assert all(a >= b for a, b in zip(errors, errors[1:])), errors
+    assert all(a >= b for a, b in zip(errors, errors[1:], strict=False)), errors
     assert errors[-1] < 1e-4 < errors[0]
     # The Monte Carlo estimator is unbiased for the truncated series: many probes (a batch of
     # copies of x0, one probe each) average to it, and with 20 terms to the exact log-det.
@@ -187,7 +187,7 @@ def test_neumann_gradient_value_and_gradient(dense_g):
         results[neumann] = ldj.numpy(), grads
     # The logged value is the real estimate, identical to the plain series with the same probes.
     np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(results[False][1], results[True][1]):
+    for a, b in zip(results[False][1], results[True][1], strict=True):
         if a is None:
             assert b is None
             continue
@@ -265,7 +265,7 @@ def test_every_weight_gets_a_finite_gradient(conv_g):
     with tf.GradientTape() as tape:
         loss = -tf.reduce_mean(dist.log_prob(tf.identity(x)))
     grads = tape.gradient(loss, variables)
-    for v, gr in zip(variables, grads):
+    for v, gr in zip(variables, grads, strict=True):
         assert gr is not None, v.path
         assert np.isfinite(gr.numpy()).all() and np.abs(gr.numpy()).sum() > 0, v.path
 

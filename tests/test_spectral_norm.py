@@ -96,14 +96,26 @@ def _unit(x):
 # --------------------------------------------------------------------------------------------
 
 
+def _randomize_state(layer, seed):
+    rng = np.random.default_rng(seed)
+    layer.u.assign(_unit(rng.standard_normal(layer.u.shape)).astype(np.float32))
+    layer.v.assign(_unit(rng.standard_normal(layer.v.shape)).astype(np.float32))
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
 @pytest.mark.parametrize("strides,padding,dilation", CONV_CASES, ids=CONV_IDS)
-def test_conv_normalized_norm_and_upper_bound(strides, padding, dilation):
+def test_conv_normalized_norm_and_upper_bound(strides, padding, dilation, method):
     layer = _conv_sn(strides, padding, dilation)
-    _scale_kernel(layer, 8.0)
+    layer.layer.kernel.assign(tf.random.normal(layer.layer.kernel.shape))
+    _randomize_state(layer, seed=strides + 10 * dilation)
     raw = _raw_conv_norm(layer)
     assert raw > 2.0 * COEFF, "the normalization must be active in this test"
+    # With a stale state the check below fails: it is not vacuous.
+    assert _true_conv_norm(layer) > COEFF * 1.1
 
-    estimate = float(layer.lipschitz_estimate())
+    # Power iteration needs many more iterations on convolutions (clustered singular values).
+    budget = {"lanczos": {}, "power": {"power_iterations": 3000}}[method]
+    estimate = float(layer.lipschitz_estimate(method=method, **budget))
     true_norm = _true_conv_norm(layer)
     bound = float(layer.lipschitz_upper_bound())
 
@@ -155,6 +167,26 @@ def test_dense_estimate_matches_svd():
     # The layer's output uses that kernel; the bound is the exact SVD norm.
     assert _spectral_norm(_layer_matrix(layer, (6,))) == pytest.approx(normalized, rel=1e-5)
     assert float(layer.lipschitz_upper_bound()) == pytest.approx(normalized, rel=1e-6)
+
+
+def test_dense_lanczos_is_exact_after_rank_steps():
+    # The Krylov space of a 6 x 5 map is exhausted after at most 5 steps: Lanczos stops there
+    # with the exact norm, where power iteration would still be converging.
+    layer = SpectralNormalization(keras.layers.Dense(5), coeff=COEFF)
+    layer.build((None, 6))
+    _randomize_state(layer, seed=3)
+    sigma, iterations, converged = layer._iterate_to_tolerance(100, 0.0, "lanczos")
+    assert bool(converged) and int(iterations) <= 6
+    assert float(sigma) == pytest.approx(_spectral_norm(layer.layer.kernel.numpy()), rel=1e-6)
+
+
+def test_lipschitz_estimate_in_tf_function():
+    layer = _conv_sn(2, "valid")
+    layer.layer.kernel.assign(tf.random.normal(layer.layer.kernel.shape))
+    _randomize_state(layer, seed=4)
+    estimate = tf.function(lambda: layer.lipschitz_estimate(200))()
+    assert float(estimate) == pytest.approx(COEFF, rel=1e-6)
+    assert _true_conv_norm(layer) <= COEFF * (1 + 1e-3)
 
 
 def test_dense_accepts_higher_rank_inputs():
@@ -469,12 +501,19 @@ def test_wrong_spatial_size_at_call():
         layer(tf.zeros([1, HW + 2, HW, C_IN]))
 
 
-def test_unbuilt_diagnostics_raise():
+def test_bad_diagnostic_arguments():
     layer = SpectralNormalization(keras.layers.Dense(2))
     with pytest.raises(ValueError, match="Build"):
         layer.lipschitz_upper_bound()
+    conv = _conv_sn()
     with pytest.raises(ValueError, match="tol"):
-        _conv_sn().lipschitz_estimate(10, tol=-1.0)
+        conv.lipschitz_estimate(10, tol=-1.0)
+    with pytest.raises(ValueError, match="method"):
+        conv.lipschitz_estimate(10, method="svd")
+    with pytest.raises(ValueError, match="power_iterations"):
+        conv.lipschitz_estimate(-3)
+    with pytest.raises(ValueError, match="max_iterations"):
+        converge_spectral_norms(conv, max_iterations=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,6 +590,13 @@ def test_lipschitz_report():
     bound = {e["name"]: e for e in converged["blocks"]}["block_a"]["upper_bound"]
     assert _spectral_norm(jacobian) <= bound
     assert _spectral_norm(jacobian) < 1.0  # the residual branch is a contraction here
+
+
+def test_converge_spectral_norms_warns_on_cap(caplog):
+    model = _small_model()
+    with caplog.at_level("WARNING", logger="tf_iresnet.spectral_norm"):
+        converge_spectral_norms(model, tol=0.0, max_iterations=2)
+    assert "did not reach tol" in caplog.text
 
 
 def test_converge_spectral_norms():

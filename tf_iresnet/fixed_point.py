@@ -18,9 +18,11 @@ and under XLA.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import tensorflow as tf
 
@@ -47,6 +49,32 @@ class FixedPointResult:
     iterations: tf.Tensor
     residual: tf.Tensor
     converged: tf.Tensor
+
+
+_COLLECTORS = threading.local()
+
+
+@contextlib.contextmanager
+def collect_inverse_stats() -> Iterator[list[FixedPointResult]]:
+    """Collects the ``FixedPointResult`` of every solve run inside the ``with`` block.
+
+    Works eagerly and while tracing a ``tf.function`` (the collected tensors then belong to
+    that graph: return them from the function). Used to log inverse iterations and residuals
+    of a whole flow without changing the bijector API::
+
+        with collect_inverse_stats() as stats:
+            x = flow.inverse(z)
+        max_iterations = tf.reduce_max([s.iterations for s in stats])
+    """
+    stack = getattr(_COLLECTORS, "stack", None)
+    if stack is None:
+        stack = _COLLECTORS.stack = []
+    collected: list[FixedPointResult] = []
+    stack.append(collected)
+    try:
+        yield collected
+    finally:
+        stack.pop()
 
 
 def _converged(x: tf.Tensor, fx: tf.Tensor, atol: float, rtol: float) -> tf.Tensor:
@@ -165,7 +193,10 @@ def solve_fixed_point(
         x, k, res, done = _anderson(
             fn, y, atol, rtol, max_iter, anderson_memory, anderson_beta, anderson_ridge
         )
-    return FixedPointResult(x=x, iterations=k, residual=res, converged=done)
+    result = FixedPointResult(x=x, iterations=k, residual=res, converged=done)
+    for collected in getattr(_COLLECTORS, "stack", ()):
+        collected.append(result)
+    return result
 
 
 def check_converged(

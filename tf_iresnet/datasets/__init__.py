@@ -22,7 +22,7 @@ Modules: `core` (DatasetSpec, bits/dim, shared batching), `images`, `toy2d`, `re
 
 from tf_iresnet.datasets.core import DatasetSpec, bits_per_dim
 from tf_iresnet.datasets.images import CELEB_A_CROP, CELEB_A_SIZE
-from tf_iresnet.datasets.registry import load, names, spec
+from tf_iresnet.datasets.registry import load, names, num_examples, spec
 from tf_iresnet.datasets.toy2d import TOY_NAMES, TOY_TEST_SIZE, sample_toy2d
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "bits_per_dim",
     "load",
     "names",
+    "num_examples",
     "sample_toy2d",
     "spec",
 ]

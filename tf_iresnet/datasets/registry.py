@@ -6,7 +6,19 @@ import tensorflow as tf
 
 from tf_iresnet.datasets import core, images, toy2d
 
-__all__ = ["load", "names", "spec"]
+__all__ = ["load", "names", "num_examples", "spec"]
+
+# Published split sizes (used to turn --epochs into steps without touching the data).
+_SPLIT_SIZES = {
+    "digits": {"train": images.DIGITS_NUM_TRAIN, "test": 1797 - images.DIGITS_NUM_TRAIN},
+    "mnist": {"train": 60_000, "test": 10_000},
+    "fashion_mnist": {"train": 60_000, "test": 10_000},
+    "cifar10": {"train": 50_000, "test": 10_000},
+    "cifar100": {"train": 50_000, "test": 10_000},
+    "svhn_cropped": {"train": 73_257, "test": 26_032, "extra": 531_131},
+    "celeb_a": {"train": 162_770, "validation": 19_867, "test": 19_962},
+    "celeb_a_64": {"train": 162_770, "validation": 19_867, "test": 19_962},
+}
 
 _SPECS: dict[str, core.DatasetSpec] = {**images.SPECS, **toy2d.SPECS}
 
@@ -26,6 +38,22 @@ def spec(name: str) -> core.DatasetSpec:
         return _SPECS[name]
     except (KeyError, TypeError):
         raise ValueError(f"Unknown dataset {name!r}; known datasets: {names()}.") from None
+
+
+def num_examples(name: str, split: str = "train") -> int:
+    """Examples in a split of an image dataset (the toy sets are infinite streams).
+
+    Raises:
+      ValueError: for an unknown dataset or split, or a toy 2-D set ("train" is unbounded).
+    """
+    spec(name)
+    if name not in _SPLIT_SIZES:
+        raise ValueError(
+            f"{name!r} is an infinite generated stream; it has no epochs (give a step count).")
+    sizes = _SPLIT_SIZES[name]
+    if split not in sizes:
+        raise ValueError(f"Unknown split {split!r} of {name!r}; splits: {sorted(sizes)}.")
+    return sizes[split]
 
 
 def load(

@@ -136,6 +136,7 @@ class CheckpointState:
         if path is None:
             return 0
         files = sorted(tf.io.gfile.glob(path + ".*"))
+        status = None
         try:
             status = self.checkpoint.restore(path)
             if strict:
@@ -144,6 +145,8 @@ class CheckpointState:
                 status.expect_partial()
                 status.assert_existing_objects_matched()
         except (ValueError, AssertionError) as e:
+            if status is not None:
+                status.expect_partial()  # no second warning about unused values on deletion
             raise CheckpointError(
                 f"The checkpoint {path} in {self.model_dir} was written by a different model or "
                 f"training setup and does not match this one: {e}\nUse a fresh --model_dir for "

@@ -24,6 +24,10 @@ replica context, inside the tape the loop differentiates:
   differentiated. The loop averages them over replicas, then over the logging interval.
 
 The names `loss`, `learning_rate` and `steps_per_second` are reserved for the loop's own logs.
+
+Caveat (Keras 3.15, TF backend): an optimizer's `clipnorm` / `global_clipnorm` / `clipvalue`
+clip each replica's (1/num_replicas scaled) gradient *before* the cross-replica sum, so their
+effect depends on the number of replicas; clip inside the model or avoid them when it matters.
 """
 
 from __future__ import annotations
@@ -99,8 +103,9 @@ class Trainer:
       post_step_fn: optional `post_step_fn(model, step)`, traced into the step after the
         optimizer update, in replica context (e.g. extra power iterations). Variables it assigns
         need an aggregation (`"mean"` or `"only_first_replica"`) under mirrored strategies.
-      jit_compile: XLA-compile the per-replica forward and backward pass (the optimizer update
-        stays outside XLA, since its cross-replica merge is not compilable).
+      jit_compile: XLA-compile the per-replica forward and backward pass. The optimizer update
+        stays outside XLA: compiled under `MirroredStrategy` it fails on this stack, because its
+        cross-replica update reaches variables on the other replicas' devices.
       max_to_keep: checkpoints kept. Default 3.
       config: optional dataclass or dict, written to `model_dir/config.json` by the chief.
       checkpoint_items: extra trackables to checkpoint (e.g. a `tf.random.Generator`).
@@ -317,7 +322,8 @@ class Trainer:
                 sums, count, tick = {}, 0, now
                 self._write_scalars(self._train_writer, logs, step)
                 if progbar is not None:
-                    progbar.update(step - start, values=list(logs.items()))
+                    shown = [(k, v) for k, v in logs.items() if k != "steps_per_second"]
+                    progbar.update(step - start, values=shown)  # it shows its own speed
                 results.update(logs)
                 if self.stop_on_nan and not math.isfinite(logs["loss"]):
                     raise FloatingPointError(

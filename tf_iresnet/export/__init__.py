@@ -1,0 +1,1 @@
+"""SavedModel export of tf-iresnet models (loadable with plain ``tf.saved_model.load``)."""

@@ -1,0 +1,439 @@
+"""The i-ResNet classifier (Behrmann et al., 2019) and its hybrid variant (Chen et al., 2019).
+
+The network is an *invertible feature extractor* followed by a small head:
+
+    x in [0, 1]^(H x W x C)
+      -> centre (x - 0.5)                                  log-det 0
+      -> zero-channel padding (C -> C + pad_channels)       injective, log-det 0
+      -> stage 1: [squeeze if stride 2] ActNorm, block, ActNorm, block, ...
+      -> stage 2: ...                                       each block y = x + g(x), Lip(g) < 1
+      -> features z
+    z -> BatchNorm -> ReLU -> global average pool -> dense  logits
+
+Every block's residual branch g is `tf_iresnet.conv_branch` with the stage's hidden width; the
+very first block of the network drops g's leading activation; the squeeze of a stride-2 stage
+happens at the start of its first block, before that block's ActNorm (as in the official
+classifier), and the spectral norms are computed at the post-squeeze resolution the
+convolutions actually see.
+
+``features(x)`` runs the invertible part, ``invert(z)`` inverts it (fixed-point inverse of each
+block with the core's tolerance; a miss raises `tf_iresnet.InverseNotConvergedError` eagerly or
+an ``InvalidArgumentError`` in graphs). The padding is injective, so ``invert`` returns the
+preimage of the data channels, exact on the image of ``features``.
+
+#### The hybrid model
+
+With ``hybrid_weight > 0`` the same network is also a normalizing flow: with a standard normal
+prior on z, ``log p(x) = log N(z; 0, I) + sum_blocks log|det(I + J_g)| + sum_actnorm log|s|``
+(the centring and squeezes have log-det 0), the block log-dets coming from the blocks' power
+series estimator (`tf_iresnet.logdet`). Training minimises
+``cross-entropy + hybrid_weight * bits/dim``. Zero padding would make this the density of the
+padded embedding (a density on R^(D + pad) evaluated on a D-dimensional subspace, not a
+normalized density of the images), so hybrid configurations must not pad
+(``pad_channels=0``, checked): the density is then of the images themselves.
+
+#### The paper's CIFAR-10 preset and the official parameter count
+
+``blocks=(7, 7, 7)``, ``hidden_channels=(32, 64, 128)``, ``strides=(1, 2, 2)``,
+``pad_channels=13`` (16 x 32 x 32 after padding, then 64 x 16 x 16 and 256 x 8 x 8) has
+4,873,178 trainable parameters: convolutions 4,865,392, ActNorms 4,704, head BatchNorm 512 and
+dense 2,570. The official script reports 4,905,946; the difference, 32,768 = 2 x 16 x 32 x 32, is
+the learned Gaussian prior (mean and log-std per input dimension) that the official network
+allocates even when it only classifies. It is unused for classification and not created here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+import tensorflow as tf
+
+from tf_iresnet.activations import get_activation
+from tf_iresnet.bijectors import (
+    ActNorm,
+    ActNormState,
+    InvertibleResidualBlock,
+    Squeeze,
+    ZeroChannelPad,
+    centering,
+)
+from tf_iresnet.datasets import bits_per_dim
+from tf_iresnet.logdet import METHODS as LOGDET_METHODS
+from tf_iresnet.residual import conv_branch
+
+__all__ = [
+    "ClassifierConfig",
+    "IResNetClassifier",
+    "build_classifier_model",
+    "classifier_objective",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """Architecture (and hybrid objective) of an `IResNetClassifier`.
+
+    Attributes:
+      input_shape: ``(H, W, C)`` of one image.
+      num_classes: number of classes of the dense head.
+      num_levels: gray levels of the quantized data (256 for 8-bit images, 17 for digits); only
+        used to report bits/dim of hybrid models.
+      pad_channels: zero channels appended to the input (13 for the paper's CIFAR classifier).
+        Must be 0 for hybrid models (see the module docstring).
+      blocks: residual blocks per stage.
+      hidden_channels: hidden width of the residual branches, per stage.
+      strides: 1 or 2 per stage; 2 squeezes (space-to-depth by 2) at the start of the stage.
+      coeff: spectral-norm coefficient, in (0, 1). Default 0.9 (the paper's).
+      power_iterations: power iterations per training call of each normalized layer (1 in the
+        paper's classifier).
+      activation: nonlinearity of the branches: "elu" (the paper's), "relu" or "lipswish".
+      actnorm: an ActNorm before every block.
+      actnorm_eps: added to the standard deviation by ActNorm's data-dependent initialization.
+        Channels that are constant on the first batch (the zero padding) get the scale
+        ``1 / actnorm_eps``; the default 0.01 keeps it moderate, as the official code's eps on
+        the variance (1e-4) does.
+      bn_momentum: Keras momentum of the head's BatchNorm moving statistics (0.1 is PyTorch's
+        ``momentum=0.9`` of the official head: the statistics follow recent batches).
+      hybrid_weight: weight of the bits/dim term in the training objective; 0 trains a plain
+        classifier, > 0 a hybrid model (which also exports ``log_prob`` and ``bits_per_dim``).
+      logdet: log-det estimator of the blocks during hybrid training: "series" (the paper's
+        truncated power series), "unbiased" (Russian roulette) or "exact".
+      n_terms: terms of the series estimator. Default 5 (the paper's).
+      eval_logdet: estimator for evaluation and export ("exact" is affordable for small
+        images such as the digits; "series" otherwise).
+      eval_n_terms: series terms for evaluation and export.
+      inverse_atol, inverse_rtol: tolerance of each block's fixed-point inverse.
+      inverse_max_iter: evaluations of g each block's inverse may use.
+    """
+
+    input_shape: tuple[int, ...] = (32, 32, 3)
+    num_classes: int = 10
+    num_levels: int = 256
+    pad_channels: int = 0
+    blocks: tuple[int, ...] = (7, 7, 7)
+    hidden_channels: tuple[int, ...] = (32, 64, 128)
+    strides: tuple[int, ...] = (1, 2, 2)
+    coeff: float = 0.9
+    power_iterations: int = 1
+    activation: str = "elu"
+    actnorm: bool = True
+    actnorm_eps: float = 0.01
+    bn_momentum: float = 0.1
+    hybrid_weight: float = 0.0
+    logdet: str = "series"
+    n_terms: int = 5
+    eval_logdet: str = "series"
+    eval_n_terms: int = 10
+    inverse_atol: float = 1e-5
+    inverse_rtol: float = 1e-5
+    inverse_max_iter: int = 200
+
+    def __post_init__(self):
+        def positive_ints(name, values, low=1):
+            if not values or any(
+                isinstance(v, bool) or not isinstance(v, int) or v < low for v in values
+            ):
+                raise ValueError(f"{name} must be a non-empty tuple of integers >= {low}, got "
+                                 f"{values!r}.")
+
+        positive_ints("input_shape", self.input_shape)
+        if len(self.input_shape) != 3:
+            raise ValueError(f"input_shape must be (H, W, C), got {self.input_shape!r}.")
+        positive_ints("blocks", self.blocks)
+        positive_ints("hidden_channels", self.hidden_channels)
+        if not len(self.blocks) == len(self.hidden_channels) == len(self.strides):
+            raise ValueError(
+                f"blocks, hidden_channels and strides need one entry per stage; got "
+                f"{self.blocks!r}, {self.hidden_channels!r}, {self.strides!r}.")
+        if any(s not in (1, 2) for s in self.strides):
+            raise ValueError(f"strides must be 1 or 2 per stage, got {self.strides!r}.")
+        h, w, _ = self.input_shape
+        factor = 2 ** sum(s == 2 for s in self.strides)
+        if h % factor or w % factor:
+            raise ValueError(
+                f"strides {self.strides} squeeze the image {sum(s == 2 for s in self.strides)} "
+                f"times, which needs H and W divisible by {factor}; got {h}x{w}.")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
+                or self.num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {self.num_classes!r}.")
+        if not isinstance(self.pad_channels, int) or self.pad_channels < 0:
+            raise ValueError(f"pad_channels must be an integer >= 0, got {self.pad_channels!r}.")
+        if not 0.0 < self.coeff < 1.0:
+            raise ValueError(f"coeff must be in (0, 1) for invertible blocks, got {self.coeff!r}.")
+        if isinstance(self.power_iterations, bool) or not isinstance(self.power_iterations, int) \
+                or self.power_iterations < 0:
+            raise ValueError(
+                f"power_iterations must be an integer >= 0, got {self.power_iterations!r}.")
+        get_activation(self.activation)  # raises for an unknown name
+        if not self.hybrid_weight >= 0.0:
+            raise ValueError(f"hybrid_weight must be >= 0, got {self.hybrid_weight!r}.")
+        if self.hybrid_weight > 0 and self.pad_channels:
+            raise ValueError(
+                f"A hybrid model (hybrid_weight={self.hybrid_weight}) needs pad_channels=0: with "
+                f"{self.pad_channels} zero channels the flow's density would be that of the "
+                "padded embedding, not of the images. Use a preset without padding (e.g. "
+                "digits_hybrid).")
+        for name in ("logdet", "eval_logdet"):
+            if getattr(self, name) not in LOGDET_METHODS or getattr(self, name) == "none":
+                raise ValueError(f"{name} must be 'exact', 'series' or 'unbiased', got "
+                                 f"{getattr(self, name)!r}.")
+        if self.num_levels < 1 or self.n_terms < 1 or self.eval_n_terms < 1:
+            raise ValueError("num_levels, n_terms and eval_n_terms must be >= 1.")
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether the model is trained (and exported) as a hybrid classifier + density."""
+        return self.hybrid_weight > 0
+
+    @property
+    def padded_shape(self) -> tuple[int, int, int]:
+        """Shape after the zero-channel padding."""
+        h, w, c = self.input_shape
+        return (h, w, c + self.pad_channels)
+
+    def block_shapes(self) -> list[tuple[bool, tuple[int, int, int], int]]:
+        """``(squeeze_first, event_shape, hidden_channels)`` of every block, in order."""
+        h, w, c = self.padded_shape
+        out = []
+        for n, hidden, stride in zip(self.blocks, self.hidden_channels, self.strides,
+                                     strict=True):
+            for j in range(n):
+                squeeze = stride == 2 and j == 0
+                if squeeze:
+                    h, w, c = h // 2, w // 2, 4 * c
+                out.append((squeeze, (h, w, c), hidden))
+        return out
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        """Shape of ``features(x)`` for one image."""
+        return self.block_shapes()[-1][1]
+
+
+class IResNetClassifier(keras.Model):
+    """i-ResNet classifier: an invertible feature extractor and a BatchNorm-ReLU-pool-dense head.
+
+    Calling the model returns logits ``[B, num_classes]`` for float32 NHWC images in [0, 1].
+    The model owns every weight (ActNorm states, residual branches, head); the TFP bijectors of
+    the invertible part are views rebuilt on each call (`bijectors`). See the module docstring
+    for the architecture, the hybrid objective and the parameter count of the paper's preset.
+
+    #### Examples
+
+    ```python
+    from tf_iresnet import presets
+    model = presets.build("digits_classifier")
+    logits = model(x)                          # x: float32 [B, 8, 8, 1] in [0, 1]
+    z = model.features(x)                      # [B, 2, 2, 64]
+    x_again = model.invert(z)                  # fixed-point inverse, tolerance 1e-5 per block
+    ```
+
+    Args:
+      config: the `ClassifierConfig`.
+      name: Keras name of the model.
+    """
+
+    def __init__(self, config: ClassifierConfig, name: str | None = None, **kwargs):
+        super().__init__(name=name, **kwargs)
+        if not isinstance(config, ClassifierConfig):
+            raise TypeError(f"config must be a ClassifierConfig, got {type(config).__name__}.")
+        self.config = config
+        self._squeeze_first = []
+        self.actnorm_states = []
+        self.branches = []
+        for i, (squeeze, shape, hidden) in enumerate(config.block_shapes()):
+            self._squeeze_first.append(squeeze)
+            if config.actnorm:
+                state = ActNormState(eps=config.actnorm_eps, name=f"actnorm_{i}")
+                state.build((None, *shape))
+                self.actnorm_states.append(state)
+            self.branches.append(conv_branch(
+                shape, hidden, coeff=config.coeff, power_iterations=config.power_iterations,
+                activation=config.activation, leading_activation=i > 0, name=f"block_{i}"))
+        channels = config.feature_shape[-1]
+        self.head_norm = keras.layers.BatchNormalization(
+            momentum=config.bn_momentum, epsilon=1e-5, name="head_norm")
+        self.head_norm.build((None, *config.feature_shape))
+        self.head_dense = keras.layers.Dense(config.num_classes, name="logits")
+        self.head_dense.build((None, channels))
+        self.build((None, *config.input_shape))
+
+    def build(self, input_shape):
+        # Every sublayer is built in __init__ (without data, so that ActNorm's data-dependent
+        # initialization waits for the first training batch).
+        self.built = True
+
+    # -- the invertible part ---------------------------------------------------------------
+
+    def bijectors(self, *, training: bool = False, logdet: str = "none", n_terms: int = 5,
+                  seed=None, inverse_on_failure: str = "raise",
+                  inverse_atol: float | None = None, inverse_rtol: float | None = None,
+                  inverse_max_iter: int | None = None) -> list:
+        """The invertible part as TFP bijector views over this model's weights, in forward order.
+
+        Args:
+          training: run the spectral norms' power iteration in the blocks' forward passes.
+          logdet: block log-det estimator ("none", "series", "unbiased" or "exact").
+          n_terms: series terms.
+          seed: None, or an int32 shape-[2] tensor from which each block's probe seed is derived
+            (``[seed[0], seed[1] + block index]``), e.g. ``[step, 0]``: equal on every replica.
+          inverse_on_failure: "raise" or "warn" when a block's inverse misses its tolerance.
+          inverse_atol, inverse_rtol, inverse_max_iter: override the config's inverse tolerance
+            and budget (e.g. tighter for export).
+        """
+        cfg = self.config
+        views = [centering()]
+        if cfg.pad_channels:
+            views.append(ZeroChannelPad(cfg.pad_channels))
+        for i, branch in enumerate(self.branches):
+            if self._squeeze_first[i]:
+                views.append(Squeeze())
+            if cfg.actnorm:
+                views.append(ActNorm(self.actnorm_states[i], name=f"actnorm_{i}"))
+            block_seed = None if seed is None else seed + tf.constant([0, i], seed.dtype)
+            views.append(InvertibleResidualBlock(
+                branch, event_ndims=3, logdet=logdet, n_terms=n_terms, training=training,
+                seed=block_seed, inverse_atol=inverse_atol or cfg.inverse_atol,
+                inverse_rtol=inverse_rtol or cfg.inverse_rtol,
+                inverse_max_iter=inverse_max_iter or cfg.inverse_max_iter,
+                inverse_on_failure=inverse_on_failure,
+                name=f"block_{i}"))
+        return views
+
+    def features(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """The invertible part: ``[B, *input_shape] -> [B, *feature_shape]``."""
+        x = tf.convert_to_tensor(x, self.compute_dtype)
+        for bijector in self.bijectors(training=training):
+            x = bijector.forward(x)
+        return x
+
+    def features_and_log_det(self, x: tf.Tensor, *, training: bool = False,
+                             logdet: str | None = None, n_terms: int | None = None,
+                             seed=None) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(z, log|det dz/dx|)`` with z ``[B, *feature_shape]`` and the log-det ``[B]``.
+
+        ``logdet`` / ``n_terms`` default to the config's evaluation estimator. Each block
+        evaluates g once for both (the log-det is cached with the forward result).
+        """
+        cfg = self.config
+        logdet = logdet or cfg.eval_logdet
+        n_terms = n_terms or cfg.eval_n_terms
+        x = tf.convert_to_tensor(x, self.compute_dtype)
+        total = tf.zeros(tf.shape(x)[:1], x.dtype)
+        for bijector in self.bijectors(training=training, logdet=logdet, n_terms=n_terms,
+                                       seed=seed):
+            y = bijector.forward(x)
+            total += bijector.forward_log_det_jacobian(x, event_ndims=3)
+            x = y
+        return x, total
+
+    def invert(self, z: tf.Tensor, on_failure: str = "raise", **inverse_options) -> tf.Tensor:
+        """Inverse of `features`: ``[B, *feature_shape] -> [B, *input_shape]``.
+
+        Each block is inverted by fixed-point iteration to the config's tolerance (or
+        ``inverse_atol``, ``inverse_rtol``, ``inverse_max_iter`` given here); a block that
+        misses it raises `InverseNotConvergedError` eagerly (``InvalidArgumentError`` when run
+        in a graph) with ``on_failure="raise"``, or warns with ``"warn"``.
+        """
+        # A fresh tensor: TFP caches bijector results per input tensor, and equal views would
+        # otherwise return the cached input of `features` instead of inverting.
+        z = tf.identity(tf.convert_to_tensor(z, self.compute_dtype))
+        views = self.bijectors(inverse_on_failure=on_failure, **inverse_options)
+        for bijector in reversed(views):
+            z = bijector.inverse(z)
+        return z
+
+    # -- the head and the objectives ------------------------------------------------------
+
+    def head(self, z: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """BatchNorm -> ReLU -> global average pool -> dense: features to logits."""
+        h = tf.nn.relu(self.head_norm(z, training=training))
+        return self.head_dense(tf.reduce_mean(h, axis=[1, 2]))
+
+    def call(self, inputs, training=False):
+        return self.head(self.features(inputs, training=training), training=training)
+
+    def log_prob_from_features(self, z: tf.Tensor, log_det: tf.Tensor) -> tf.Tensor:
+        """``log N(z; 0, I) + log_det``: the log-density of the input, in nats, ``[B]``."""
+        dim = math.prod(self.config.feature_shape)
+        prior = -0.5 * tf.reduce_sum(tf.reshape(tf.square(z), [tf.shape(z)[0], -1]), axis=1)
+        return prior - 0.5 * dim * _LOG_2PI + log_det
+
+    def log_prob(self, x: tf.Tensor, *, logdet: str | None = None, seed=None) -> tf.Tensor:
+        """Log-density (nats) of images in [0, 1] under the hybrid model, ``[B]``.
+
+        Meaningful for hybrid models (trained with ``hybrid_weight > 0``; never padded).
+        """
+        self._check_hybrid("log_prob")
+        z, log_det = self.features_and_log_det(x, logdet=logdet, seed=seed)
+        return self.log_prob_from_features(z, log_det)
+
+    def bits_per_dim(self, x: tf.Tensor, *, logdet: str | None = None, seed=None) -> tf.Tensor:
+        """``-log p(x) / (D ln 2) + log2(num_levels)`` of the hybrid model, ``[B]``."""
+        return bits_per_dim(self.log_prob(x, logdet=logdet, seed=seed), self.config.input_shape,
+                            self.config.num_levels)
+
+    def _check_hybrid(self, what: str):
+        if self.config.pad_channels:
+            raise ValueError(
+                f"{what} needs an unpadded model (pad_channels=0); this one pads "
+                f"{self.config.pad_channels} channels, so it has no density on the images.")
+
+    @property
+    def num_trainable_parameters(self) -> int:
+        """Number of trainable scalars."""
+        return int(sum(math.prod(v.shape) for v in self.trainable_weights))
+
+
+def classifier_objective(model: IResNetClassifier, images: tf.Tensor, labels: tf.Tensor, *,
+                         training: bool, seed=None) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+    """Mean training objective over a batch and its parts.
+
+    ``cross-entropy`` for plain classifiers; ``cross-entropy + hybrid_weight * bits/dim`` for
+    hybrid ones, the log-det from the config's training estimator (``logdet``, ``n_terms``)
+    when ``training`` and its evaluation estimator otherwise.
+
+    Args:
+      model: the classifier.
+      images: float32 ``[B, *input_shape]`` in [0, 1] (dequantized for hybrid models).
+      labels: int ``[B]``.
+      training: training mode (power iterations, BatchNorm batch statistics).
+      seed: int32 shape-[2] tensor keying the log-det probes (e.g. ``[step, 0]``).
+
+    Returns:
+      ``(loss, metrics)``: scalar loss and a dict with ``xent``, ``accuracy`` and, for hybrid
+      models, ``bits_per_dim``.
+    """
+    cfg = model.config
+    labels = tf.cast(labels, tf.int32)
+    metrics = {}
+    if cfg.hybrid:
+        logdet, n_terms = (cfg.logdet, cfg.n_terms) if training else (cfg.eval_logdet,
+                                                                      cfg.eval_n_terms)
+        z, log_det = model.features_and_log_det(images, training=training, logdet=logdet,
+                                                n_terms=n_terms, seed=seed)
+        bpd = bits_per_dim(model.log_prob_from_features(z, log_det), cfg.input_shape,
+                           cfg.num_levels)
+        metrics["bits_per_dim"] = tf.reduce_mean(bpd)
+    else:
+        z = model.features(images, training=training)
+    logits = model.head(z, training=training)
+    xent = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+    metrics["xent"] = xent
+    metrics["accuracy"] = tf.reduce_mean(
+        tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+    loss = xent + cfg.hybrid_weight * metrics["bits_per_dim"] if cfg.hybrid else xent
+    return loss, metrics
+
+
+def build_classifier_model(config: ClassifierConfig, name: str | None = None
+                           ) -> IResNetClassifier:
+    """Builds an `IResNetClassifier` (all weights created; build it under a strategy's scope).
+
+    ActNorm states initialize from the first batch the model sees (training or not).
+    """
+    return IResNetClassifier(config, name=name or "iresnet_classifier")

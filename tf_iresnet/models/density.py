@@ -1,0 +1,294 @@
+"""i-ResNet density models: multi-scale convolutional flows and fully connected flows."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tf_iresnet import fixed_point
+from tf_iresnet.bijectors import (
+    ActNorm,
+    ActNormState,
+    InvertibleResidualBlock,
+    Squeeze,
+    centering,
+    logit_preprocessing,
+)
+from tf_iresnet.bijectors.multiscale import MultiScale
+from tf_iresnet.datasets.core import bits_per_dim
+from tf_iresnet.residual import conv_branch, dense_branch
+
+tfb = tfp.bijectors
+tfd = tfp.distributions
+
+__all__ = ["DensityConfig", "IResNetFlow", "build_density_model"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DensityConfig:
+    """Architecture and estimator settings of an i-ResNet density model.
+
+    Attributes:
+      input_shape: event shape, ``(H, W, C)`` for images or ``(D,)`` for vectors.
+      num_levels: quantization levels of the data (256 for 8-bit images, 17 for digits) used for
+        bits/dim; None for continuous data.
+      kind: ``"conv"`` (multi-scale convolutional flow) or ``"dense"`` (fully connected).
+      initial_squeeze: squeeze the input before the first scale (the paper's CIFAR model).
+      blocks: residual blocks per scale (one scale for ``"dense"``).
+      hidden_channels: hidden width of every residual branch (channels or units).
+      strides: per scale, 2 squeezes before the scale, 1 does not (default: all 1).
+      factor_out: factor out half the channels after each non-final scale.
+      coeff: spectral-norm coefficient c in (0, 1).
+      power_iterations: power iterations per training step and layer.
+      activation: ``"elu"`` (paper), ``"lipswish"`` or ``"relu"``.
+      kernel_size: outer kernel size of the conv branches.
+      dense_hidden_layers: hidden layers of a dense branch.
+      actnorm: an ActNorm before every residual block.
+      preprocessing: ``"center"`` (x - 0.5, the official code), ``"logit"`` or ``"none"``.
+      logit_alpha: alpha of the logit preprocessing.
+      prior: ``"learned"`` (diagonal Gaussian with trained mean and scale) or ``"fixed"`` N(0, I).
+      logdet: training estimator (``"series"``, ``"unbiased"``, ``"exact"``).
+      n_terms, n_samples, n_exact_terms, neumann_gradient: training estimator settings.
+      eval_logdet: estimator for evaluation and export (``"exact"`` for small events).
+      eval_n_terms: series terms for evaluation when ``eval_logdet="series"``.
+      eval_n_samples: Hutchinson probes for evaluation.
+    """
+
+    input_shape: tuple[int, ...]
+    num_levels: int | None = 256
+    kind: str = "conv"
+    initial_squeeze: bool = False
+    blocks: tuple[int, ...] = (4,)
+    hidden_channels: int = 64
+    strides: tuple[int, ...] | None = None
+    factor_out: bool = True
+    coeff: float = 0.9
+    power_iterations: int = 5
+    activation: str = "elu"
+    kernel_size: int = 3
+    dense_hidden_layers: int = 2
+    actnorm: bool = True
+    preprocessing: str = "center"
+    logit_alpha: float = 0.05
+    prior: str = "learned"
+    logdet: str = "series"
+    n_terms: int = 5
+    n_samples: int = 1
+    n_exact_terms: int = 2
+    neumann_gradient: bool = False
+    eval_logdet: str = "series"
+    eval_n_terms: int = 20
+    eval_n_samples: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+        strides = self.strides or (1,) * len(self.blocks)
+        object.__setattr__(self, "strides", tuple(int(s) for s in strides))
+        if self.kind not in ("conv", "dense"):
+            raise ValueError(f"kind must be 'conv' or 'dense', got {self.kind!r}.")
+        if self.kind == "conv" and len(self.input_shape) != 3:
+            raise ValueError(f"conv models need input_shape (H, W, C), got {self.input_shape}.")
+        if self.kind == "dense" and (len(self.input_shape) != 1 or len(self.blocks) != 1):
+            raise ValueError("dense models need input_shape (D,) and a single scale of blocks.")
+        if len(self.strides) != len(self.blocks) or any(s not in (1, 2) for s in self.strides):
+            raise ValueError(f"strides must be 1 or 2, one per scale; got {self.strides}.")
+        if not 0.0 < self.coeff < 1.0:
+            raise ValueError(f"coeff must be in the open interval (0, 1), got {self.coeff}.")
+        if self.preprocessing not in ("center", "logit", "none"):
+            raise ValueError(f"preprocessing must be center, logit or none: {self.preprocessing!r}")
+        if self.prior not in ("learned", "fixed"):
+            raise ValueError(f"prior must be 'learned' or 'fixed', got {self.prior!r}.")
+
+    @property
+    def event_size(self) -> int:
+        """D, the number of dimensions of one event."""
+        return int(np.prod(self.input_shape))
+
+
+@keras.saving.register_keras_serializable(package="tf_iresnet")
+class IResNetFlow(keras.Model):
+    """An i-ResNet normalizing flow; the Keras model owns every weight.
+
+    Data-to-latent structure (``kind="conv"``): preprocessing, optional initial squeeze, then
+    per scale: squeeze if its stride is 2, ``blocks[i]`` times (ActNorm, residual block), and
+    half the channels factored out after every non-final scale; the latent ``z`` (size D) has a
+    diagonal Gaussian prior. ``kind="dense"``: ActNorm and fully connected residual blocks.
+
+    ``distribution()`` returns a ``tfd.TransformedDistribution`` over data events built from
+    the current weights (a view; rebuild it after training steps), so users can ``sample``,
+    ``log_prob`` and compose it with TFP. ``call(x)`` returns ``log p(x)`` in nats, ``[B]``.
+    """
+
+    def __init__(self, config: DensityConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        self.branches = []
+        self.actnorms = []
+        self._plan = []  # per scale: list of ("squeeze",) / ("block", index)
+        c = config
+        if c.kind == "dense":
+            dim = c.input_shape[0]
+            scale = []
+            for _ in range(c.blocks[0]):
+                scale.append(("block", len(self.branches)))
+                if c.actnorm:
+                    self.actnorms.append(ActNormState(name=f"actnorm_{len(self.actnorms)}"))
+                    self.actnorms[-1].build((None, dim))
+                self.branches.append(dense_branch(
+                    dim, (c.hidden_channels,) * c.dense_hidden_layers, coeff=c.coeff,
+                    power_iterations=c.power_iterations, activation=c.activation,
+                    name=f"branch_{len(self.branches)}"))
+            self._plan.append(scale)
+        else:
+            h, w, ch = c.input_shape
+            for s, (n_blocks, stride) in enumerate(zip(c.blocks, c.strides, strict=True)):
+                scale = []
+                squeezes = int(stride == 2) + int(s == 0 and c.initial_squeeze)
+                for _ in range(squeezes):
+                    if h % 2 or w % 2:
+                        raise ValueError(f"Cannot squeeze a {h}x{w} input at scale {s}.")
+                    h, w, ch = h // 2, w // 2, ch * 4
+                    scale.append(("squeeze",))
+                for b in range(n_blocks):
+                    scale.append(("block", len(self.branches)))
+                    if c.actnorm:
+                        self.actnorms.append(ActNormState(name=f"actnorm_{len(self.actnorms)}"))
+                        self.actnorms[-1].build((None, h, w, ch))
+                    self.branches.append(conv_branch(
+                        (h, w, ch), c.hidden_channels, coeff=c.coeff,
+                        power_iterations=c.power_iterations, kernel_size=c.kernel_size,
+                        activation=c.activation, leading_activation=not (s == 0 and b == 0),
+                        name=f"branch_{len(self.branches)}"))
+                self._plan.append(scale)
+                if c.factor_out and s < len(c.blocks) - 1:
+                    ch = ch - ch // 2
+        dim = c.event_size
+        trainable_prior = c.prior == "learned"
+        self.prior_loc = self.add_weight(name="prior_loc", shape=(dim,), initializer="zeros",
+                                         trainable=trainable_prior)
+        self.prior_log_scale = self.add_weight(name="prior_log_scale", shape=(dim,),
+                                               initializer="zeros", trainable=trainable_prior)
+        self.built = True  # every weight exists now; no input is needed to build
+
+    def get_config(self):
+        return {"config": dataclasses.asdict(self.config), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(DensityConfig(**config["config"]), name=config.get("name"))
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def _estimator_kwargs(self, mode: str) -> dict:
+        c = self.config
+        if mode == "train":
+            return dict(logdet=c.logdet, n_terms=c.n_terms, n_samples=c.n_samples,
+                        n_exact_terms=c.n_exact_terms, neumann_gradient=c.neumann_gradient)
+        if mode == "eval":
+            return dict(logdet=c.eval_logdet, n_terms=c.eval_n_terms, n_samples=c.eval_n_samples)
+        if mode == "none":
+            return dict(logdet="none")
+        raise ValueError(f"mode must be 'train', 'eval' or 'none', got {mode!r}.")
+
+    def bijector(self, *, mode: str = "eval", training: bool = False, seed=None,
+                 **block_kwargs) -> MultiScale:
+        """The data-to-latent bijector ``x [*input_shape] -> z [D]`` over the current weights.
+
+        Args:
+          mode: ``"train"`` (training estimator), ``"eval"`` (evaluation estimator) or
+            ``"none"`` (no log-det: encoding and decoding only).
+          training: run the spectral-norm power iterations in the residual branches.
+          seed: stateless seed for the log-det estimators (each block gets its own stream).
+          **block_kwargs: overrides for every ``InvertibleResidualBlock`` (e.g.
+            ``inverse_solver="anderson"``, ``inverse_atol=1e-6``).
+        """
+        c = self.config
+        kwargs = {**self._estimator_kwargs(mode), **block_kwargs}
+        ndims = len(c.input_shape)
+        n_blocks = len(self.branches)
+        seeds = ([None] * n_blocks if seed is None
+                 else list(tfp.random.split_seed(seed, n=max(n_blocks, 2))))
+        scales = []
+        for s, plan in enumerate(self._plan):
+            steps = []
+            if s == 0 and c.preprocessing != "none":
+                steps.append(centering() if c.preprocessing == "center"
+                             else logit_preprocessing(c.logit_alpha))
+            for item in plan:
+                if item[0] == "squeeze":
+                    steps.append(Squeeze())
+                    continue
+                i = item[1]
+                if c.actnorm:
+                    steps.append(ActNorm(self.actnorms[i], event_ndims=ndims,
+                                         name=f"actnorm_{i}"))
+                steps.append(InvertibleResidualBlock(
+                    self.branches[i], event_ndims=ndims, training=training, seed=seeds[i],
+                    name=f"block_{i}", **kwargs))
+            scales.append(tfb.Chain(list(reversed(steps)), name=f"scale_{s}"))
+        return MultiScale(scales, c.input_shape, factor_out=c.factor_out and c.kind == "conv",
+                          compute_logdet=kwargs["logdet"] != "none")
+
+    def prior(self) -> tfd.Distribution:
+        """The latent distribution, a diagonal Gaussian over ``[D]``."""
+        return tfd.MultivariateNormalDiag(
+            loc=tf.convert_to_tensor(self.prior_loc),
+            scale_diag=tf.exp(tf.convert_to_tensor(self.prior_log_scale)))
+
+    def distribution(self, *, mode: str = "eval", training: bool = False, seed=None,
+                     **block_kwargs) -> tfd.TransformedDistribution:
+        """The model density over data events, ``event_shape = input_shape``."""
+        flow = self.bijector(mode=mode, training=training, seed=seed, **block_kwargs)
+        return tfd.TransformedDistribution(self.prior(), tfb.Invert(flow), name="iresnet_flow")
+
+    # -- computations ---------------------------------------------------------------------------
+
+    def log_prob_parts(self, x: tf.Tensor, *, mode: str = "train", training: bool = False,
+                       seed=None) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(log p(z), log|det dz/dx|)`` per example, ``[B]`` each, in nats."""
+        flow = self.bijector(mode=mode, training=training, seed=seed)
+        z = flow.forward(x)
+        return self.prior().log_prob(z), flow.forward_log_det_jacobian(
+            x, event_ndims=len(self.config.input_shape))
+
+    def call(self, x, training=False):
+        log_pz, logdet = self.log_prob_parts(x, mode="train" if training else "eval",
+                                             training=training)
+        return log_pz + logdet
+
+    def bits_per_dim(self, log_prob: tf.Tensor) -> tf.Tensor:
+        """Bits/dim of the discrete data: ``-log p(x) / (D ln 2) + log2(L)`` for x in [0, 1]."""
+        return bits_per_dim(log_prob, self.config.event_size, self.config.num_levels)
+
+    def encode(self, x: tf.Tensor) -> tf.Tensor:
+        """``z = f(x)``, ``[B, D]`` (no log-det)."""
+        return self.bijector(mode="none").forward(x)
+
+    def decode(self, z: tf.Tensor, **block_kwargs) -> tf.Tensor:
+        """``x = f^{-1}(z)`` by fixed-point inversion of every block, ``[B, *input_shape]``."""
+        return self.bijector(mode="none", **block_kwargs).inverse(z)
+
+    def decode_with_stats(self, z: tf.Tensor, **block_kwargs):
+        """``(x, max iterations over blocks, max final residual over blocks)``."""
+        with fixed_point.collect_inverse_stats() as stats:
+            x = self.decode(z, **block_kwargs)
+        iterations = tf.reduce_max(tf.stack([s.iterations for s in stats]))
+        residual = tf.reduce_max(tf.stack([s.residual for s in stats]))
+        return x, iterations, residual
+
+    def sample(self, n: int, seed, temperature: float = 1.0) -> tf.Tensor:
+        """``n`` samples ``[n, *input_shape]``: prior draw (stateless ``seed``) then decode."""
+        prior = self.prior()
+        eps = tf.random.stateless_normal([n, self.config.event_size], seed=seed)
+        z = prior.loc + temperature * eps * prior.scale.diag
+        return self.decode(z)
+
+
+def build_density_model(config: DensityConfig, name: str | None = None) -> IResNetFlow:
+    """Builds (creates all weights of) the density model described by ``config``."""
+    return IResNetFlow(config, name=name or "iresnet_flow")

@@ -1,0 +1,73 @@
+"""Named model configurations (the paper's experiments, benchmarks and small demos).
+
+``names()`` lists them, ``config(name)`` returns the (frozen dataclass) configuration and
+``build(name, **overrides)`` a built Keras model. A preset is data, not code: every model class
+takes its config, so a new experiment is a new entry here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tf_iresnet.models.density import DensityConfig, build_density_model
+
+# --- density models ---------------------------------------------------------------------------
+# REFERENCE.md section 2; paper settings: coeff 0.9, 5 series terms, 1 probe, 5 power iterations,
+# ELU, ActNorm, learned prior, inputs centred by -0.5 (no logit).
+_DENSITY = {
+    "cifar10_density_paper": DensityConfig(
+        input_shape=(32, 32, 3), num_levels=256, initial_squeeze=True,
+        blocks=(16, 16, 16), hidden_channels=512, strides=(1, 2, 2)),
+    "mnist_density_paper": DensityConfig(
+        input_shape=(28, 28, 1), num_levels=256, initial_squeeze=True,
+        blocks=(16, 16, 16), hidden_channels=512, strides=(1, 2, 1)),
+    "bench_cifar_small": DensityConfig(
+        input_shape=(32, 32, 3), num_levels=256, initial_squeeze=True,
+        blocks=(4, 4, 4), hidden_channels=128, strides=(1, 2, 2)),
+    "bench_mnist": DensityConfig(
+        input_shape=(28, 28, 1), num_levels=256, initial_squeeze=True,
+        blocks=(4, 4, 4), hidden_channels=512, strides=(1, 2, 1)),
+    "bench_cifar_width512_d1": DensityConfig(
+        input_shape=(32, 32, 3), num_levels=256, initial_squeeze=True,
+        blocks=(1, 1, 1), hidden_channels=512, strides=(1, 2, 2)),
+    "digits_density": DensityConfig(
+        input_shape=(8, 8, 1), num_levels=17, initial_squeeze=True,
+        blocks=(4, 4), hidden_channels=64, strides=(1, 2), eval_logdet="exact"),
+    "toy2d_density": DensityConfig(
+        input_shape=(2,), num_levels=None, kind="dense", blocks=(10,), hidden_channels=64,
+        activation="lipswish", preprocessing="none", eval_logdet="exact", prior="fixed"),
+}
+
+# --- classifiers --------------------------------------------------------------------------------
+_CLASSIFIER: dict = {}
+
+
+def names() -> list[str]:
+    """All preset names."""
+    return sorted({**_DENSITY, **_CLASSIFIER})
+
+
+def config(name: str):
+    """The configuration dataclass of a preset."""
+    presets = {**_DENSITY, **_CLASSIFIER}
+    if name not in presets:
+        raise ValueError(f"Unknown preset {name!r}; known presets: {', '.join(names())}.")
+    return presets[name]
+
+
+def kind(name: str) -> str:
+    """``"density"`` or ``"classifier"``."""
+    return "density" if isinstance(config(name), DensityConfig) else "classifier"
+
+
+def build(name: str, **overrides):
+    """Builds the preset's Keras model; ``overrides`` replace config fields (e.g. ``coeff``)."""
+    cfg = config(name)
+    if overrides:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cfg)}
+        if unknown:
+            raise ValueError(f"Unknown config fields for {name!r}: {sorted(unknown)}.")
+        cfg = dataclasses.replace(cfg, **overrides)
+    if isinstance(cfg, DensityConfig):
+        return build_density_model(cfg, name=name)
+    raise AssertionError(f"no builder for {type(cfg).__name__}")  # pragma: no cover

@@ -1,0 +1,1 @@
+"""End-to-end tasks run by the binaries in train/ (they only parse flags)."""

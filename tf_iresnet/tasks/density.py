@@ -1,0 +1,262 @@
+"""Maximum-likelihood training of an i-ResNet density model, end to end.
+
+``train_density(config)`` is what ``python -m train.density`` runs after parsing its flags:
+data pipeline, model under the chosen ``tf.distribute`` strategy, the custom training loop
+(``tf_iresnet.training.Trainer``), TensorBoard logs, evaluation on the test split at a set
+interval, checkpoints and resumption, a sample grid and the SavedModel export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tf_iresnet import datasets, presets
+from tf_iresnet.export.density import export_density_model
+from tf_iresnet.models.density import DensityConfig, IResNetFlow
+from tf_iresnet.spectral_norm import lipschitz_report
+from tf_iresnet.training import (
+    Trainer,
+    WarmupSchedule,
+    image_summary,
+    make_strategy,
+    save_image_grid,
+    summaries,
+)
+
+OPTIMIZERS = ("adamax", "adam", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class DensityTrainConfig:
+    """Everything a density run needs (written to ``model_dir/config.json``).
+
+    Attributes:
+      dataset: a ``tf_iresnet.datasets`` name.
+      preset: a ``tf_iresnet.presets`` density preset.
+      model_dir: checkpoints, config and TensorBoard logs.
+      export_dir: SavedModel destination ('' to skip the export).
+      batch_size: global batch size (split over replicas).
+      train_steps: optimizer steps in total (resumed runs continue up to it).
+      optimizer: ``adamax`` (the paper's), ``adam`` or ``sgd``.
+      learning_rate: peak learning rate, reached at the end of the warm-up.
+      warmup_steps: linear warm-up length in steps.
+      weight_decay: decoupled weight decay (0 for none).
+      strategy: ``tf_iresnet.training.make_strategy`` name.
+      seed: seeds data order, dequantization noise, estimator probes and initialization.
+      eval_every, checkpoint_every, log_every: intervals in steps.
+      eval_examples: test examples per evaluation (0: the whole split).
+      num_samples: samples in the final PNG grid and TensorBoard images.
+      jit_compile: XLA-compile the forward and backward pass.
+      model_overrides: DensityConfig fields replaced in the preset (estimator, coeff, ...).
+    """
+
+    dataset: str = "digits"
+    preset: str = "digits_density"
+    model_dir: str = "runs/digits_density"
+    export_dir: str = "saved_models/digits_density"
+    batch_size: int = 64
+    train_steps: int = 1000
+    optimizer: str = "adamax"
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    strategy: str = "auto"
+    seed: int = 0
+    eval_every: int = 250
+    checkpoint_every: int = 250
+    log_every: int = 25
+    eval_examples: int = 2000
+    num_samples: int = 64
+    jit_compile: bool = False
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+
+
+def model_config(cfg: DensityTrainConfig) -> DensityConfig:
+    """The preset's model config with the run's overrides, checked against the dataset."""
+    base = presets.config(cfg.preset)
+    if not isinstance(base, DensityConfig):
+        raise ValueError(f"Preset {cfg.preset!r} is not a density model preset.")
+    model_cfg = dataclasses.replace(base, **cfg.model_overrides)
+    spec = datasets.spec(cfg.dataset)
+    if tuple(spec.shape) != tuple(model_cfg.input_shape):
+        raise ValueError(
+            f"Dataset {cfg.dataset!r} has events of shape {tuple(spec.shape)} but preset "
+            f"{cfg.preset!r} expects {tuple(model_cfg.input_shape)}; pick a matching "
+            f"--preset (e.g. digits_density for digits, toy2d_density for 2-D sets).")
+    if spec.num_levels != model_cfg.num_levels:
+        model_cfg = dataclasses.replace(model_cfg, num_levels=spec.num_levels)
+    return model_cfg
+
+
+def make_optimizer(cfg: DensityTrainConfig) -> keras.optimizers.Optimizer:
+    schedule = WarmupSchedule(cfg.learning_rate, cfg.warmup_steps)
+    kwargs = {"learning_rate": schedule}
+    if cfg.weight_decay:
+        kwargs["weight_decay"] = cfg.weight_decay
+    if cfg.optimizer == "adamax":
+        return keras.optimizers.Adamax(**kwargs)
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(**kwargs)
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(momentum=0.9, **kwargs)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}.")
+
+
+def _step_seed(seed: int, step) -> tf.Tensor:
+    return tf.stack([tf.constant(seed, tf.int32), tf.cast(step, tf.int32)])
+
+
+def make_train_step(cfg: DensityTrainConfig):
+    """The per-replica step: mean bits/dim of the batch as the loss (a scaled NLL)."""
+
+    def train_step(model: IResNetFlow, x, step):
+        # One seed per step, equal on every replica: the same roulette count everywhere.
+        log_pz, logdet = model.log_prob_parts(x, mode="train", training=True,
+                                              seed=_step_seed(cfg.seed, step))
+        bpd = model.bits_per_dim(log_pz + logdet)
+        d = float(model.config.event_size)
+        return tf.reduce_mean(bpd), {
+            "bits_per_dim": tf.reduce_mean(bpd),
+            "log_pz_per_dim": tf.reduce_mean(log_pz) / d,
+            "logdet_per_dim": tf.reduce_mean(logdet) / d,
+        }
+
+    return train_step
+
+
+class Evaluator:
+    """Test-split evaluation and TensorBoard visuals, run on the chief."""
+
+    def __init__(self, model: IResNetFlow, cfg: DensityTrainConfig):
+        self.model = model
+        self.cfg = cfg
+        self.spec = datasets.spec(cfg.dataset)
+        self.is_image = self.spec.kind == "image"
+        self.test = datasets.load(
+            cfg.dataset, "test", batch_size=min(cfg.batch_size, 256), shuffle=False,
+            repeat=False, drop_remainder=False, seed=cfg.seed + 1,
+            num_examples=cfg.eval_examples or None)
+        self._log_prob = tf.function(self._log_prob_parts, reduce_retracing=True)
+        self._invert = tf.function(self._reconstruct, reduce_retracing=True)
+
+    def _log_prob_parts(self, x):
+        return self.model.log_prob_parts(x, mode="eval", seed=(self.cfg.seed, 12345))
+
+    def _reconstruct(self, x):
+        z = self.model.encode(x)
+        x_rec, iterations, residual = self.model.decode_with_stats(
+            z, inverse_on_failure="warn")
+        return x_rec, iterations, residual
+
+    def __call__(self, step: int) -> dict[str, float]:
+        log_pz, logdet, n, first = [], [], 0, None
+        for x in self.test:
+            lpz, ldj = self._log_prob(x)
+            log_pz.append(lpz.numpy())
+            logdet.append(ldj.numpy())
+            n += int(x.shape[0])
+            first = x if first is None else first
+        log_pz, logdet = np.concatenate(log_pz), np.concatenate(logdet)
+        log_px = log_pz + logdet
+        d = self.model.config.event_size
+        bpd = self.model.bits_per_dim(tf.constant(log_px)).numpy()
+        x = first[: self.cfg.num_samples]
+        x_rec, iterations, residual = self._invert(x)
+        results = {
+            "bits_per_dim": float(bpd.mean()),
+            "log_pz_per_dim": float(log_pz.mean() / d),
+            "logdet_per_dim": float(logdet.mean() / d),
+            "reconstruction_max_abs_error": float(tf.reduce_max(tf.abs(x_rec - x))),
+            "inverse_iterations_max": float(iterations),
+            "inverse_residual_max": float(residual),
+        }
+        report = lipschitz_report(self.model)
+        estimates = [r["estimate"] for r in report["layers"]]
+        for r in report["blocks"]:
+            summaries.scalar(f"lipschitz/{r['name']}", r["estimate"], step=step)
+        results["lipschitz_layer_max"] = max(estimates)
+        tf.summary.histogram("lipschitz/layer_estimates", estimates, step=step)
+        if self.is_image:
+            samples = self.model.sample(self.cfg.num_samples, seed=(self.cfg.seed, step))
+            image_summary("images/data", x, step)
+            image_summary("images/reconstructions", tf.clip_by_value(x_rec, 0.0, 1.0), step)
+            image_summary("images/samples", tf.clip_by_value(samples, 0.0, 1.0), step)
+        else:
+            image_summary("images/density", self.density_heatmap()[None], step)
+            samples = self.model.sample(2000, seed=(self.cfg.seed, step))
+            image_summary("images/samples", histogram_image(samples.numpy())[None], step)
+        return results
+
+    def density_heatmap(self, size: int = 128, bound: float = 4.0) -> tf.Tensor:
+        """p(x) on a ``size x size`` grid over ``[-bound, bound]^2``, as an image in [0, 1]."""
+        axis = tf.linspace(-bound, bound, size)
+        xx, yy = tf.meshgrid(axis, -axis)  # image rows go downwards
+        grid = tf.reshape(tf.stack([xx, yy], -1), [-1, 2])
+        log_p = tf.concat([tf.add(*self._log_prob(chunk)) for chunk in tf.split(grid, 8)], 0)
+        p = tf.exp(log_p - tf.reduce_max(log_p))
+        return tf.reshape(p, [size, size, 1])
+
+
+def histogram_image(points: np.ndarray, size: int = 128, bound: float = 4.0) -> np.ndarray:
+    """A 2-D histogram of ``points [N, 2]`` over ``[-bound, bound]^2`` as an image in [0, 1]."""
+    h, _, _ = np.histogram2d(-points[:, 1], points[:, 0], bins=size,
+                             range=[[-bound, bound], [-bound, bound]])
+    return (h / max(h.max(), 1.0))[..., None].astype("float32")
+
+
+def train_density(cfg: DensityTrainConfig) -> dict[str, float]:
+    """Trains, evaluates, saves samples and exports; returns the final metrics.
+
+    Returns:
+      The trainer's last logs plus ``test_bits_per_dim`` and ``export_dir``.
+    """
+    strategy = make_strategy(cfg.strategy)
+    keras.utils.set_random_seed(cfg.seed)
+    model_cfg = model_config(cfg)
+    spec = datasets.spec(cfg.dataset)
+    if cfg.batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the "
+                         f"{strategy.num_replicas_in_sync} replicas.")
+    with strategy.scope():
+        model = IResNetFlow(model_cfg, name=cfg.preset)
+        optimizer = make_optimizer(cfg)
+    train = datasets.load(cfg.dataset, "train", batch_size=cfg.batch_size, seed=cfg.seed)
+    evaluator = Evaluator(model, cfg)
+    trainer = Trainer(
+        strategy=strategy, model=model, optimizer=optimizer,
+        train_step_fn=make_train_step(cfg), model_dir=cfg.model_dir,
+        total_steps=cfg.train_steps, log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, eval_fn=evaluator,
+        jit_compile=cfg.jit_compile,
+        config={**dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)},
+    )
+    results = trainer.train(train)
+    results["test_bits_per_dim"] = results.get("eval/bits_per_dim", float("nan"))
+    if trainer.is_chief:
+        grid_path = os.path.join(cfg.model_dir, "samples.png")
+        n = cfg.num_samples
+        if spec.kind == "image":
+            samples = model.sample(n, seed=(cfg.seed, 0))
+            save_image_grid(tf.clip_by_value(samples, 0.0, 1.0), grid_path,
+                            nrow=int(math.ceil(math.sqrt(n))))
+        else:
+            samples = model.sample(5000, seed=(cfg.seed, 0)).numpy()
+            save_image_grid(histogram_image(samples)[None], grid_path, nrow=1)
+            save_image_grid(evaluator.density_heatmap()[None],
+                            os.path.join(cfg.model_dir, "density.png"), nrow=1)
+        results["samples_png"] = grid_path
+        if cfg.export_dir:
+            export_density_model(model, cfg.export_dir)
+            results["export_dir"] = cfg.export_dir
+            logging.info("Exported SavedModel to %s", cfg.export_dir)
+        with open(os.path.join(cfg.model_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+    return results
