@@ -25,6 +25,7 @@ from tf_iresnet.spectral_norm import (  # noqa: E402
     SpectralNormalization,
     converge_spectral_norms,
     lipschitz_report,
+    update_spectral_norms,
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "lipschitz_report",
     "logit_preprocessing",
     "solve_fixed_point",
+    "update_spectral_norms",
 ]
 
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from tf_iresnet.models.classifier import ClassifierConfig, build_classifier_model
 from tf_iresnet.models.density import DensityConfig, build_density_model
 
 # --- density models ---------------------------------------------------------------------------
@@ -39,7 +40,31 @@ _DENSITY = {
 }
 
 # --- classifiers --------------------------------------------------------------------------------
-_CLASSIFIER: dict = {}
+# REFERENCE.md section 2, the official classifier script: 7-7-7 blocks of widths 32/64/128,
+# strides 1-2-2 (squeeze at the start of stages 2 and 3), 13 zero channels (16 x 32 x 32), c 0.9,
+# 1 power iteration, ELU, ActNorm per block, head BN-ReLU-avgpool-linear. 4,873,178 trainable
+# parameters: the official 4,905,946 minus its unused learned prior (2 x 16,384, see
+# tf_iresnet/models/classifier.py). MNIST: the paper's 21 blocks, laid out as for CIFAR
+# (15 zero channels: 16 x 28 x 28 -> 64 x 14 x 14 -> 256 x 7 x 7).
+_CIFAR_CLASSIFIER = ClassifierConfig(
+    input_shape=(32, 32, 3), num_classes=10, num_levels=256, pad_channels=13,
+    blocks=(7, 7, 7), hidden_channels=(32, 64, 128), strides=(1, 2, 2))
+_CLASSIFIER: dict = {
+    "cifar10_classifier_paper": _CIFAR_CLASSIFIER,
+    "cifar100_classifier_paper": dataclasses.replace(_CIFAR_CLASSIFIER, num_classes=100),
+    "mnist_classifier_paper": dataclasses.replace(
+        _CIFAR_CLASSIFIER, input_shape=(28, 28, 1), pad_channels=15),
+    # Small and fast (the `make demo` classifier): 8 x 8 x 8 -> 4 x 4 x 32 -> 2 x 2 x 128.
+    "digits_classifier": ClassifierConfig(
+        input_shape=(8, 8, 1), num_classes=10, num_levels=17, pad_channels=7,
+        blocks=(2, 2, 2), hidden_channels=(32, 64, 64), strides=(1, 2, 2)),
+    # Hybrid: no padding, so log p is the density of the 8 x 8 images themselves;
+    # 4 x 4 x 4 -> 2 x 2 x 16, exact log-det for evaluation (64 dimensions).
+    "digits_hybrid": ClassifierConfig(
+        input_shape=(8, 8, 1), num_classes=10, num_levels=17, pad_channels=0,
+        blocks=(4, 4), hidden_channels=(64, 64), strides=(2, 2), hybrid_weight=1.0,
+        eval_logdet="exact"),
+}
 
 
 def names() -> list[str]:
@@ -70,4 +95,6 @@ def build(name: str, **overrides):
         cfg = dataclasses.replace(cfg, **overrides)
     if isinstance(cfg, DensityConfig):
         return build_density_model(cfg, name=name)
+    if isinstance(cfg, ClassifierConfig):
+        return build_classifier_model(cfg, name=name)
     raise AssertionError(f"no builder for {type(cfg).__name__}")  # pragma: no cover

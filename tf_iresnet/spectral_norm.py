@@ -690,18 +690,38 @@ class SpectralNormalization(keras.layers.Layer):
     def _state(self) -> tuple[tf.Tensor, tf.Tensor]:
         return tf.convert_to_tensor(self.u), tf.convert_to_tensor(self.v)
 
+    def power_iterate(self, iterations: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """Runs ``iterations`` (default ``power_iterations``) plain power iterations from the
+        stored u, v on the current kernel, stores and returns the new ``(u, v)``.
+
+        What ``call(training=True)`` does before normalizing. Training loops that XLA-compile
+        their forward pass under a mirrored strategy call this after the optimizer update
+        instead (an assignment to a mirrored variable inside a nested compiled function needs a
+        cross-replica synchronization TF cannot do there).
+        """
+        self._check_built("power_iterate")
+        iterations = self.power_iterations if iterations is None else iterations
+        u, v = self._state()
+        if iterations > 0:
+            u, v = _power_iteration(
+                self._spec, tf.stop_gradient(self._kernel()), u, v, iterations)
+            u, v = tf.stop_gradient(u), tf.stop_gradient(v)
+            self.u.assign(u)
+            self.v.assign(v)
+        return u, v
+
     def _normalize_kernel(self, kernel: tf.Tensor, u: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
         """``W / max(1, <u, A_W v> / coeff)`` with u, v constant, differentiable in W."""
         u, v = tf.stop_gradient(u), tf.stop_gradient(v)
         sigma = _bilinear(self._spec, kernel, u, v)
-        return kernel / (sigma / self.coeff)
+        return kernel / tf.maximum(tf.ones_like(sigma), sigma / self.coeff)
 
     def _iterate_to_tolerance(
         self, max_iterations: int, tol: float, method: str = "lanczos"
     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """Refines the stored u, v to a relative tolerance on sigma and stores the result.
+        """Refines the stored u, v to relative residual ``tol`` and stores them.
 
-        Returns ``(sigma, iterations, converged)``.
+        Returns ``(sigma, iterations, converged)`` (tensors).
         """
         u, v = self._state()
         kernel = tf.stop_gradient(self._kernel())
@@ -746,14 +766,10 @@ class SpectralNormalization(keras.layers.Layer):
                     f"of shape {tuple(inputs.shape)}."
                 )
         kernel = self._kernel()
-        u, v = self._state()
         if training and self.power_iterations > 0:
-            u, v = _power_iteration(
-                self._spec, tf.stop_gradient(kernel), u, v, self.power_iterations
-            )
-            u, v = tf.stop_gradient(u), tf.stop_gradient(v)
-            self.u.assign(u)
-            self.v.assign(v)
+            u, v = self.power_iterate()
+        else:
+            u, v = self._state()
         kernel = self._normalize_kernel(kernel, u, v)
 
         compute_dtype = self.compute_dtype
@@ -850,7 +866,9 @@ class SpectralNormalization(keras.layers.Layer):
         bound, the largest singular value over the 2-D DFT of the (dilated) kernel zero-padded
         to the grid ``(H + e_h - 1) x (W + e_w - 1)``, which bounds the zero-padded, strided
         convolution at H x W (see `_conv2d_norm_upper_bound`). Uses the stored u, v (no update).
-        Cost: one batched SVD of ``(H + e_h - 1)(W/2 + e_w/2)`` matrices ``C_in x C_out``.
+        Cost: SVDs of ``(H + e_h - 1)(floor((W + e_w - 1) / 2) + 1)`` complex ``C_in x C_out``
+        matrices; measured on 2 CPU cores, 3x3 kernels: ~6 s for 128 channels at 32x32, ~40 s
+        for 512 channels at 16x16.
 
         Returns:
           float64 scalar tensor.
@@ -921,6 +939,13 @@ def spectral_norm_layers(model: keras.layers.Layer) -> list[SpectralNormalizatio
     return [layer for layer in _walk(model) if isinstance(layer, SpectralNormalization)]
 
 
+def update_spectral_norms(model: keras.layers.Layer, iterations: int | None = None) -> None:
+    """Runs ``power_iterate`` on every spectral-normalized layer of ``model`` (each its own
+    ``power_iterations`` unless ``iterations`` is given)."""
+    for layer in spectral_norm_layers(model):
+        layer.power_iterate(iterations)
+
+
 def converge_spectral_norms(
     model: keras.layers.Layer,
     tol: float = 1e-4,
@@ -966,6 +991,7 @@ def lipschitz_report(
     power_iterations: int = 0,
     tol: float = 1e-4,
     method: str = "lanczos",
+    upper_bounds: bool = True,
 ) -> dict[str, list[dict[str, Any]]]:
     """Per-layer and per-block Lipschitz estimates and bounds of a model's normalized maps.
 
@@ -976,10 +1002,13 @@ def lipschitz_report(
         which updates its u and v.
       tol: relative tolerance passed to `lipschitz_estimate` when ``power_iterations > 0``.
       method: ``"lanczos"`` (default) or ``"power"``, passed to `lipschitz_estimate`.
+      upper_bounds: bool, default True. False skips `lipschitz_upper_bound` (an SVD per
+        frequency: minutes for a model with many 512-channel convolutions) and reports
+        ``"upper_bound": None``; use it for frequent logging.
 
     Returns:
       ``{"layers": [...], "blocks": [...]}``, lists of ``{"name", "estimate", "upper_bound"}``
-      with Python float values.
+      with Python float values (``upper_bound`` None when ``upper_bounds=False``).
 
       * ``"layers"``: one entry per built `SpectralNormalization` layer: the estimated norm of
         its normalized map (`lipschitz_estimate`) and the rigorous bound
@@ -999,7 +1028,7 @@ def lipschitz_report(
         entry = {
             "name": layer.name,
             "estimate": float(layer.lipschitz_estimate(power_iterations, tol, method)),
-            "upper_bound": float(layer.lipschitz_upper_bound()),
+            "upper_bound": float(layer.lipschitz_upper_bound()) if upper_bounds else None,
         }
         entries[id(layer)] = entry
         layers_out.append(entry)
@@ -1017,7 +1046,9 @@ def lipschitz_report(
             {
                 "name": layer.name,
                 "estimate": math.prod(c["estimate"] for c in children),
-                "upper_bound": math.prod(c["upper_bound"] for c in children),
+                "upper_bound": (
+                    math.prod(c["upper_bound"] for c in children) if upper_bounds else None
+                ),
             }
         )
     return {"layers": layers_out, "blocks": blocks_out}

@@ -28,7 +28,7 @@ flags.DEFINE_string("model_dir", None, "Run directory (default runs/<preset>_<da
 flags.DEFINE_string("export_dir", None,
                     "SavedModel destination (default saved_models/<preset>; '' skips export).")
 flags.DEFINE_integer("batch_size", 64, "Global batch size.", lower_bound=1)
-flags.DEFINE_integer("train_steps", None, "Optimizer steps (default 1500; or use --epochs).",
+flags.DEFINE_integer("train_steps", None, "Optimizer steps (default 2000; or use --epochs).",
                      lower_bound=0)
 flags.DEFINE_float("epochs", None, "Train for this many passes over the training split.",
                    lower_bound=0.0)
@@ -48,14 +48,15 @@ flags.DEFINE_float("coeff", None, "Spectral-norm coefficient in (0, 1).")
 flags.DEFINE_integer("power_iterations", None, "Power iterations per step.", lower_bound=0)
 flags.DEFINE_enum("strategy", "auto", list(STRATEGY_NAMES), "tf.distribute strategy.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_integer("eval_every", 250, "Steps between test-split evaluations.", lower_bound=0)
-flags.DEFINE_integer("checkpoint_every", 250, "Steps between checkpoints.", lower_bound=0)
-flags.DEFINE_integer("log_every", 25, "Steps between TensorBoard/progress updates.",
+flags.DEFINE_integer("eval_every", 500, "Steps between test-split evaluations.", lower_bound=0)
+flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.", lower_bound=0)
+flags.DEFINE_integer("log_every", 50, "Steps between TensorBoard/progress updates.",
                      lower_bound=1)
 flags.DEFINE_integer("eval_examples", 2000, "Test examples per evaluation (0: all).",
                      lower_bound=0)
 flags.DEFINE_integer("num_samples", 64, "Samples in the image grid.", lower_bound=1)
-flags.DEFINE_boolean("jit_compile", False, "XLA-compile the forward/backward pass.")
+flags.DEFINE_boolean("jit_compile", True,
+                     "XLA-compile the forward/backward pass (slower first step, faster after).")
 
 flags.register_validator("coeff", lambda c: c is None or 0.0 < c < 1.0,
                          message="--coeff must be in the open interval (0, 1).")
@@ -82,7 +83,7 @@ def config_from_flags() -> DensityTrainConfig:
         size = datasets.num_examples(FLAGS.dataset, "train")
         train_steps = max(1, round(FLAGS.epochs * size / FLAGS.batch_size))
     if train_steps is None:
-        train_steps = 1500
+        train_steps = 2000
     model_dir = FLAGS.model_dir or os.path.join("runs", f"{FLAGS.preset}_{FLAGS.dataset}")
     export_dir = (FLAGS.export_dir if FLAGS.export_dir is not None
                   else os.path.join("saved_models", FLAGS.preset))

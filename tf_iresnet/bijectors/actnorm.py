@@ -41,14 +41,20 @@ class ActNormState(keras.layers.Layer):
         self.initialized = self.add_weight(name="initialized", shape=(), dtype="int32",
                                            initializer="zeros", trainable=False, aggregation=agg)
 
-    def parameters_for(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def parameters_for(self, x: tf.Tensor, data_init: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
         """``(loc, log_scale)``, first setting them from ``x``'s statistics if uninitialized.
 
         Initialization makes the output zero-mean, unit-variance per channel over all other
-        axes of ``x``: ``loc = -mean``, ``log_scale = -log(std + eps)``.
+        axes of ``x``: ``loc = -mean``, ``log_scale = -log(std + eps)``. With
+        ``data_init=False`` the stored values are returned as they are: use it inside a
+        distributed step (``strategy.run``), where a conditional assignment would need a
+        cross-replica synchronization that TF does not support inside control flow; initialize
+        beforehand with one call in cross-replica context.
         """
         if not self.built:
             self.build(x.shape)
+        if not data_init:
+            return tf.convert_to_tensor(self.loc), tf.convert_to_tensor(self.log_scale)
 
         def init():
             axes = list(range(x.shape.rank - 1))
@@ -93,10 +99,12 @@ class ActNorm(tfb.Bijector):
       state: the ``ActNormState`` Keras layer that owns the weights; a new one is created when
         None (reach it as ``.state`` and track it in your Keras model so it is trained/saved).
       event_ndims: 3 for NHWC images, 1 for vectors.
+      data_init: initialize an uninitialized state from the first forward batch (see
+        ``ActNormState.parameters_for`` for when to turn it off).
     """
 
     def __init__(self, state: ActNormState | None = None, *, event_ndims: int = 3,
-                 validate_args: bool = False, name: str = "actnorm"):
+                 data_init: bool = True, validate_args: bool = False, name: str = "actnorm"):
         parameters = dict(locals())
         if event_ndims not in (1, 3):
             raise ValueError(f"event_ndims must be 1 or 3, got {event_ndims!r}.")
@@ -106,6 +114,7 @@ class ActNorm(tfb.Bijector):
             raise TypeError(f"state must be an ActNormState layer, got {type(state).__name__}.")
         self._state = state
         self._event_ndims = event_ndims
+        self._data_init = bool(data_init)
         with tf.name_scope(name) as name:
             super().__init__(forward_min_event_ndims=event_ndims, validate_args=validate_args,
                              parameters=parameters, name=name)
@@ -125,7 +134,7 @@ class ActNorm(tfb.Bijector):
 
     def _forward(self, x):
         self._check(x)
-        loc, log_scale = self._state.parameters_for(x)
+        loc, log_scale = self._state.parameters_for(x, self._data_init)
         return (x + loc) * tf.exp(log_scale)
 
     def _inverse(self, y):
@@ -136,7 +145,7 @@ class ActNorm(tfb.Bijector):
 
     def _forward_log_det_jacobian(self, x):
         self._check(x)
-        _, log_scale = self._state.parameters_for(x)
+        _, log_scale = self._state.parameters_for(x, self._data_init)
         return self._ldj(log_scale, tf.shape(x))
 
     def _inverse_log_det_jacobian(self, y):

@@ -35,6 +35,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tf_iresnet import datasets
 from tf_iresnet.export.checks import check_images
 from tf_iresnet.export.density import EXPORT_INVERSE
 from tf_iresnet.models.classifier import IResNetClassifier
@@ -65,11 +66,15 @@ def classifier_endpoints(model: IResNetClassifier) -> dict[str, Callable[[tf.Ten
     def reconstruct(images):
         return model.invert(model.features(check_images(images, shape)), **EXPORT_INVERSE)
 
+    # One trace of the (costly) log-det serves both density endpoints.
+    log_prob_fn = tf.function(lambda x: model.log_prob(x, seed=tf.constant(_EVAL_SEED)),
+                              autograph=False)
+
     def log_prob(images):
-        return model.log_prob(check_images(images, shape), seed=tf.constant(_EVAL_SEED))
+        return log_prob_fn(check_images(images, shape))
 
     def bits_per_dim(images):
-        return model.bits_per_dim(check_images(images, shape), seed=tf.constant(_EVAL_SEED))
+        return datasets.bits_per_dim(log_prob(images), cfg.input_shape, cfg.num_levels)
 
     fns = {"serving_default": serve, "features": features, "reconstruct": reconstruct}
     if cfg.hybrid:
@@ -93,11 +98,10 @@ def export_classifier(model: IResNetClassifier, export_dir: str, *,
     """
     if not isinstance(model, IResNetClassifier):
         raise TypeError(f"model must be an IResNetClassifier, got {type(model).__name__}.")
-    fresh = [s.name for s in model.actnorm_states if int(s.initialized.numpy()) == 0]
-    if fresh:
+    if not model.initialized:
         raise ValueError(
-            f"ActNorm layers {fresh[:3]} are not initialized: train the model (or call it on a "
-            "batch of data) before exporting.")
+            "The model's ActNorm layers are not initialized: train it (or call "
+            "model.initialize(images) on a batch of data) before exporting.")
     if converge:
         converge_spectral_norms(model)
     # Any image size reaches the checks (and their messages); see export/checks.py.

@@ -73,6 +73,25 @@ __all__ = [
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+class _InitializedActNorm(ActNorm):
+    """`ActNorm` view of an already initialized state: reads it, never builds the initialization.
+
+    The core view's forward pass goes through `ActNormState.parameters_for`, whose ``tf.cond``
+    holds the initializing assignments; traced inside ``strategy.run`` under a
+    `MirroredStrategy`, those assignments fail (``merge_call`` inside control flow) even though
+    the branch would never run. Once the state is initialized, reading it is all a forward pass
+    needs. The inverse is the core view's (it never initializes).
+    """
+
+    def _forward(self, x):
+        self._check(x)
+        return (x + self.state.loc) * tf.exp(self.state.log_scale)
+
+    def _forward_log_det_jacobian(self, x):
+        self._check(x)
+        return self._ldj(tf.convert_to_tensor(self.state.log_scale), tf.shape(x))
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
     """Architecture (and hybrid objective) of an `IResNetClassifier`.
@@ -91,11 +110,8 @@ class ClassifierConfig:
       power_iterations: power iterations per training call of each normalized layer (1 in the
         paper's classifier).
       activation: nonlinearity of the branches: "elu" (the paper's), "relu" or "lipswish".
-      actnorm: an ActNorm before every block.
-      actnorm_eps: added to the standard deviation by ActNorm's data-dependent initialization.
-        Channels that are constant on the first batch (the zero padding) get the scale
-        ``1 / actnorm_eps``; the default 0.01 keeps it moderate, as the official code's eps on
-        the variance (1e-4) does.
+      actnorm: an ActNorm before every block (the first one before the zero padding: a
+        data-initialized ActNorm cannot normalize constant channels).
       bn_momentum: Keras momentum of the head's BatchNorm moving statistics (0.1 is PyTorch's
         ``momentum=0.9`` of the official head: the statistics follow recent batches).
       hybrid_weight: weight of the bits/dim term in the training objective; 0 trains a plain
@@ -121,7 +137,6 @@ class ClassifierConfig:
     power_iterations: int = 1
     activation: str = "elu"
     actnorm: bool = True
-    actnorm_eps: float = 0.01
     bn_momentum: float = 0.1
     hybrid_weight: float = 0.0
     logdet: str = "series"
@@ -248,8 +263,10 @@ class IResNetClassifier(keras.Model):
         for i, (squeeze, shape, hidden) in enumerate(config.block_shapes()):
             self._squeeze_first.append(squeeze)
             if config.actnorm:
-                state = ActNormState(eps=config.actnorm_eps, name=f"actnorm_{i}")
-                state.build((None, *shape))
+                state = ActNormState(name=f"actnorm_{i}")
+                # The first ActNorm of a padded model acts before the padding (see bijectors).
+                state.build((None, *(config.input_shape if i == 0 and config.pad_channels
+                                     else shape)))
                 self.actnorm_states.append(state)
             self.branches.append(conv_branch(
                 shape, hidden, coeff=config.coeff, power_iterations=config.power_iterations,
@@ -260,12 +277,37 @@ class IResNetClassifier(keras.Model):
         self.head_norm.build((None, *config.feature_shape))
         self.head_dense = keras.layers.Dense(config.num_classes, name="logits")
         self.head_dense.build((None, channels))
-        self.build((None, *config.input_shape))
-
-    def build(self, input_shape):
-        # Every sublayer is built in __init__ (without data, so that ActNorm's data-dependent
-        # initialization waits for the first training batch).
+        # Every weight exists now, created without data: ActNorm's data-dependent
+        # initialization waits for the first batch the model sees.
         self.built = True
+
+    def get_config(self):
+        return {"config": dataclasses.asdict(self.config), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config["config"].items()}
+        return cls(ClassifierConfig(**fields), name=config.get("name"))
+
+    # -- data-dependent initialization ------------------------------------------------------
+
+    @property
+    def initialized(self) -> bool:
+        """Whether every ActNorm has been initialized from data (or restored)."""
+        return all(int(s.initialized.numpy()) for s in self.actnorm_states)
+
+    def initialize(self, images: tf.Tensor) -> bool:
+        """Initializes the ActNorms from a batch of images, eagerly; returns whether it did.
+
+        A no-op once initialized (e.g. after restoring a checkpoint). Call it before
+        distributed training, outside ``strategy.run`` and with the same batch on every worker:
+        the in-graph initialization of a first forward pass cannot assign mirrored variables
+        from replica context (``merge_call`` inside ``tf.cond``).
+        """
+        if self.initialized:
+            return False
+        self.features(images)
+        return True
 
     # -- the invertible part ---------------------------------------------------------------
 
@@ -286,14 +328,21 @@ class IResNetClassifier(keras.Model):
             and budget (e.g. tighter for export).
         """
         cfg = self.config
+        with tf.init_scope():  # the variables' current values, also while tracing
+            actnorm = _InitializedActNorm if self.initialized else ActNorm
         views = [centering()]
         if cfg.pad_channels:
+            # Initialized from data, an ActNorm would give the all-zero padding channels the
+            # scale 1/eps (1e6), and their shift an effective learning rate 1e12 times larger;
+            # so the first block's ActNorm normalizes the data channels before the padding.
+            if cfg.actnorm:
+                views.append(actnorm(self.actnorm_states[0], name="actnorm_0"))
             views.append(ZeroChannelPad(cfg.pad_channels))
         for i, branch in enumerate(self.branches):
             if self._squeeze_first[i]:
                 views.append(Squeeze())
-            if cfg.actnorm:
-                views.append(ActNorm(self.actnorm_states[i], name=f"actnorm_{i}"))
+            if cfg.actnorm and not (i == 0 and cfg.pad_channels):
+                views.append(actnorm(self.actnorm_states[i], name=f"actnorm_{i}"))
             block_seed = None if seed is None else seed + tf.constant([0, i], seed.dtype)
             views.append(InvertibleResidualBlock(
                 branch, event_ndims=3, logdet=logdet, n_terms=n_terms, training=training,

@@ -196,7 +196,7 @@ class IResNetFlow(keras.Model):
         raise ValueError(f"mode must be 'train', 'eval' or 'none', got {mode!r}.")
 
     def bijector(self, *, mode: str = "eval", training: bool = False, seed=None,
-                 **block_kwargs) -> MultiScale:
+                 data_init: bool = True, **block_kwargs) -> MultiScale:
         """The data-to-latent bijector ``x [*input_shape] -> z [D]`` over the current weights.
 
         Args:
@@ -204,6 +204,8 @@ class IResNetFlow(keras.Model):
             ``"none"`` (no log-det: encoding and decoding only).
           training: run the spectral-norm power iterations in the residual branches.
           seed: stateless seed for the log-det estimators (each block gets its own stream).
+          data_init: let uninitialized ActNorms initialize from this batch (turn off inside
+            ``strategy.run``; call ``initialize`` first).
           **block_kwargs: overrides for every ``InvertibleResidualBlock`` (e.g.
             ``inverse_solver="anderson"``, ``inverse_atol=1e-6``).
         """
@@ -226,7 +228,7 @@ class IResNetFlow(keras.Model):
                 i = item[1]
                 if c.actnorm:
                     steps.append(ActNorm(self.actnorms[i], event_ndims=ndims,
-                                         name=f"actnorm_{i}"))
+                                         data_init=data_init, name=f"actnorm_{i}"))
                 steps.append(InvertibleResidualBlock(
                     self.branches[i], event_ndims=ndims, training=training, seed=seeds[i],
                     name=f"block_{i}", **kwargs))
@@ -248,10 +250,15 @@ class IResNetFlow(keras.Model):
 
     # -- computations ---------------------------------------------------------------------------
 
+    def initialize(self, x: tf.Tensor) -> None:
+        """Data-dependent initialization of every ActNorm from the batch ``x`` (run it once,
+        eagerly or in cross-replica context, before distributed training)."""
+        self.bijector(mode="none").forward(x)
+
     def log_prob_parts(self, x: tf.Tensor, *, mode: str = "train", training: bool = False,
-                       seed=None) -> tuple[tf.Tensor, tf.Tensor]:
+                       seed=None, data_init: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
         """``(log p(z), log|det dz/dx|)`` per example, ``[B]`` each, in nats."""
-        flow = self.bijector(mode=mode, training=training, seed=seed)
+        flow = self.bijector(mode=mode, training=training, seed=seed, data_init=data_init)
         z = flow.forward(x)
         return self.prior().log_prob(z), flow.forward_log_det_jacobian(
             x, event_ndims=len(self.config.input_shape))

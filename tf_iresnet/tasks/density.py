@@ -21,7 +21,7 @@ from absl import logging
 from tf_iresnet import datasets, presets
 from tf_iresnet.export.density import export_density_model
 from tf_iresnet.models.density import DensityConfig, IResNetFlow
-from tf_iresnet.spectral_norm import lipschitz_report
+from tf_iresnet.spectral_norm import lipschitz_report, update_spectral_norms
 from tf_iresnet.training import (
     Trainer,
     WarmupSchedule,
@@ -119,8 +119,10 @@ def make_train_step(cfg: DensityTrainConfig):
 
     def train_step(model: IResNetFlow, x, step):
         # One seed per step, equal on every replica: the same roulette count everywhere.
-        log_pz, logdet = model.log_prob_parts(x, mode="train", training=True,
-                                              seed=_step_seed(cfg.seed, step))
+        # Spectral-norm power iterations run after the update (power_iteration_step), so the
+        # forward pass itself assigns no variables.
+        log_pz, logdet = model.log_prob_parts(x, mode="train", training=False,
+                                              seed=_step_seed(cfg.seed, step), data_init=False)
         bpd = model.bits_per_dim(log_pz + logdet)
         d = float(model.config.event_size)
         return tf.reduce_mean(bpd), {
@@ -130,6 +132,12 @@ def make_train_step(cfg: DensityTrainConfig):
         }
 
     return train_step
+
+
+def power_iteration_step(model: IResNetFlow, step) -> None:
+    """After each update: ``power_iterations`` power iterations on every normalized layer."""
+    del step
+    update_spectral_norms(model)
 
 
 class Evaluator:
@@ -178,7 +186,7 @@ class Evaluator:
             "inverse_iterations_max": float(iterations),
             "inverse_residual_max": float(residual),
         }
-        report = lipschitz_report(self.model)
+        report = lipschitz_report(self.model, upper_bounds=False)
         estimates = [r["estimate"] for r in report["layers"]]
         for r in report["blocks"]:
             summaries.scalar(f"lipschitz/{r['name']}", r["estimate"], step=step)
@@ -235,10 +243,16 @@ def train_density(cfg: DensityTrainConfig) -> dict[str, float]:
         train_step_fn=make_train_step(cfg), model_dir=cfg.model_dir,
         total_steps=cfg.train_steps, log_every=cfg.log_every,
         checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, eval_fn=evaluator,
-        jit_compile=cfg.jit_compile,
+        post_step_fn=power_iteration_step, jit_compile=cfg.jit_compile,
         config={**dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)},
     )
+    if trainer.restore() == 0:
+        # ActNorm's data-dependent init, once, in cross-replica context (see ActNormState).
+        model.initialize(next(iter(train.take(1))))
     results = trainer.train(train)
+    # Every worker prints it: replicas and workers must end with identical weights.
+    checksum = float(sum(tf.reduce_sum(tf.cast(w, tf.float64)) for w in model.weights))
+    print(f"final weights checksum: {checksum:.10e}")
     results["test_bits_per_dim"] = results.get("eval/bits_per_dim", float("nan"))
     if trainer.is_chief:
         grid_path = os.path.join(cfg.model_dir, "samples.png")

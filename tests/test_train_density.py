@@ -1,0 +1,240 @@
+"""train.density end to end: strategies, TensorBoard, resume, tfds, export in a fresh process."""
+
+import glob
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_iresnet.tasks.density import DensityTrainConfig, train_density
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = dict(jit_compile=False, log_every=2, num_samples=4, eval_examples=64)
+TINY_IMAGE = {"blocks": (1, 1), "hidden_channels": 8, "power_iterations": 1}
+TINY_2D = {"blocks": (2,), "hidden_channels": 16, "eval_logdet": "exact"}
+
+
+def _env(**extra):
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=REPO)
+    env.update(extra)
+    return env
+
+
+def _run_binary(args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "train.density", *args], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def _event_tags(logdir):
+    tags = set()
+    for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+# A fresh interpreter that cannot import the project, Keras or TFP, and checks the endpoints.
+_LOAD_SCRIPT = textwrap.dedent("""
+    import importlib.abc, json, os, sys
+    sys.path = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != sys.argv[3]]
+    import numpy as np
+    import tensorflow as tf  # TF probes for keras while importing: block afterwards
+    BLOCKED = ("tf_iresnet", "keras", "tensorflow_probability", "train")
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError("blocked: " + name)
+    sys.meta_path.insert(0, Block())
+    for mod in [m for m in sys.modules if m.split(".")[0] in BLOCKED]:
+        del sys.modules[mod]
+    for name in ("tf_iresnet", "keras", "tensorflow_probability"):
+        try:
+            __import__(name)
+            raise SystemExit("import of " + name + " should fail")
+        except ImportError:
+            pass
+    m = tf.saved_model.load(sys.argv[1])
+    shape = json.loads(sys.argv[2])
+    x = tf.random.stateless_uniform([5] + shape, seed=[1, 2])
+    out = {"log_prob": m.log_prob(x).numpy().tolist(),
+           "bits_per_dim": m.bits_per_dim(x).numpy().tolist()}
+    z = m.encode(x)
+    out["z_shape"] = z.shape.as_list()
+    out["rec_err"] = float(tf.reduce_max(tf.abs(m.decode(z) - x)))
+    s1, s2 = m.sample(tf.constant(3), tf.constant(11)), m.sample(tf.constant(3), tf.constant(11))
+    s3 = m.sample(tf.constant(3), tf.constant(12))
+    out["sample_shape"] = s1.shape.as_list()
+    out["same_seed_equal"] = bool(np.array_equal(s1.numpy(), s2.numpy()))
+    out["other_seed_differs"] = not np.array_equal(s1.numpy(), s3.numpy())
+    out["sample_range"] = [float(tf.reduce_min(s1)), float(tf.reduce_max(s1))]
+    errors = {}
+    bad = {"shape": tf.zeros([2] + shape[:-1] + [shape[-1] + 2]), "range": 2.0 + x,
+           "dtype": tf.cast(x, tf.float64), "nan": x * float("nan")}
+    for key, value in bad.items():
+        try:
+            m.log_prob(value)
+            errors[key] = "no error"
+        except Exception as e:
+            errors[key] = str(e)
+    out["errors"] = errors
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def _check_export(export_dir, shape, num_levels, tmp_path):
+    script = tmp_path / "load_export.py"
+    script.write_text(_LOAD_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), export_dir, json.dumps(list(shape)),
+                           REPO],
+                          cwd=str(tmp_path), env=dict(_env(), PYTHONPATH=""),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    d = int(np.prod(shape))
+    lp = np.array(out["log_prob"])
+    assert lp.shape == (5,) and np.isfinite(lp).all()
+    np.testing.assert_allclose(out["bits_per_dim"], -lp / (d * np.log(2)) + np.log2(num_levels),
+                               rtol=1e-5)
+    assert out["z_shape"] == [5, d]
+    assert out["rec_err"] < 1e-4
+    assert out["sample_shape"] == [3, *shape]
+    assert out["same_seed_equal"] and out["other_seed_differs"]
+    assert 0.0 <= out["sample_range"][0] <= out["sample_range"][1] <= 1.0
+    errors = out["errors"]
+    assert "must have shape [batch, " + ", ".join(map(str, shape)) in errors["shape"]
+    assert "values must lie in [0, 1]" in errors["range"]
+    assert "float32" in errors["dtype"]
+    assert "must be finite" in errors["nan"]
+
+
+def test_digits_cli_end_to_end_and_export(tmp_path):
+    model_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
+    proc = _run_binary([
+        "--dataset=digits", "--preset=digits_density", f"--model_dir={model_dir}",
+        f"--export_dir={export_dir}", "--train_steps=6", "--eval_every=3",
+        "--checkpoint_every=3", "--log_every=2", "--batch_size=32", "--nojit_compile",
+        "--num_samples=4", "--eval_examples=64", "--power_iterations=1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bpd = float(re.search(r"test bits/dim: ([0-9.]+)", proc.stdout).group(1))
+    assert 0.5 < bpd < 10.0
+    assert os.path.exists(os.path.join(model_dir, "samples.png"))
+    config = json.load(open(os.path.join(model_dir, "config.json")))
+    assert config["train_steps"] == 6 and config["model"]["power_iterations"] == 1
+    assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-6")
+    train_tags = _event_tags(os.path.join(model_dir, "train"))
+    assert {"loss", "bits_per_dim", "log_pz_per_dim", "logdet_per_dim",
+            "learning_rate"} <= train_tags
+    eval_tags = _event_tags(os.path.join(model_dir, "eval"))
+    assert {"bits_per_dim", "reconstruction_max_abs_error", "inverse_iterations_max",
+            "lipschitz_layer_max", "lipschitz/layer_estimates", "images/samples",
+            "images/reconstructions", "images/data"} <= eval_tags
+    assert any(t.startswith("lipschitz/branch_") for t in eval_tags)
+    _check_export(export_dir, (8, 8, 1), 17, tmp_path)
+
+
+def test_toy2d_on_two_replicas(tmp_path):
+    strategy_devices = tf.config.list_logical_devices("CPU")
+    assert len(strategy_devices) == 2  # tests/conftest.py
+    cfg = DensityTrainConfig(
+        dataset="moons", preset="toy2d_density", model_dir=str(tmp_path / "run"),
+        export_dir=str(tmp_path / "export"), batch_size=32, train_steps=6, eval_every=3,
+        checkpoint_every=0, strategy="mirrored", model_overrides=TINY_2D, **FAST)
+    results = train_density(cfg)
+    assert np.isfinite(results["test_bits_per_dim"])
+    assert os.path.exists(os.path.join(cfg.model_dir, "density.png"))
+    assert "images/density" in _event_tags(os.path.join(cfg.model_dir, "eval"))
+    loaded = tf.saved_model.load(cfg.export_dir)
+    x = tf.random.stateless_normal([4, 2], seed=[1, 1])
+    assert np.isfinite(loaded.log_prob(x).numpy()).all()
+    np.testing.assert_allclose(loaded.decode(loaded.encode(x)).numpy(), x.numpy(), atol=1e-4)
+
+
+def test_tfds_path_under_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    cfg = DensityTrainConfig(
+        dataset="mnist", preset="bench_mnist", model_dir=str(tmp_path / "run"), export_dir="",
+        batch_size=8, train_steps=2, eval_every=0, checkpoint_every=0, strategy="default",
+        model_overrides=TINY_IMAGE, **{**FAST, "eval_examples": 16})
+    with tfds.testing.mock_data(num_examples=32):
+        results = train_density(cfg)
+    assert np.isfinite(results["test_bits_per_dim"])
+
+
+def test_kill_and_restart_resumes(tmp_path):
+    model_dir = str(tmp_path / "run")
+    args = ["--dataset=moons", "--preset=toy2d_density", f"--model_dir={model_dir}",
+            "--export_dir=", "--batch_size=16", "--checkpoint_every=2", "--eval_every=0",
+            "--log_every=1", "--nojit_compile", "--eval_examples=32"]
+    proc = subprocess.Popen([sys.executable, "-m", "train.density", *args,
+                             "--train_steps=100000"], cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not glob.glob(os.path.join(model_dir, "ckpt-4.index")):
+            time.sleep(0.5)
+        assert glob.glob(os.path.join(model_dir, "ckpt-4.index")), "no checkpoint written"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = int(tf.train.latest_checkpoint(model_dir).rsplit("-", 1)[1])
+    assert saved >= 4
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(model_dir))
+    restart = _run_binary([*args, f"--train_steps={saved + 2}"])
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert f"Training steps {saved} -> {saved + 2}" in restart.stdout
+    assert tf.train.latest_checkpoint(model_dir).endswith(f"ckpt-{saved + 2}")
+    after = tf.train.load_checkpoint(tf.train.latest_checkpoint(model_dir))
+    key = next(k for k in reader.get_variable_to_shape_map() if "iterations" in k)
+    assert after.get_tensor(key) == reader.get_tensor(key) + 2
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_multi_worker_mirrored_two_processes(tmp_path):
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "train.density", "--dataset=moons", "--preset=toy2d_density",
+             f"--model_dir={tmp_path / f'run{index}'}", "--export_dir=", "--batch_size=16",
+             "--train_steps=4", "--eval_every=0", "--checkpoint_every=2", "--nojit_compile",
+             "--strategy=multi_worker_mirrored", "--eval_examples=32", "--log_every=1"],
+            cwd=REPO, env=_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    outputs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        outputs.append(out)
+    sums = [re.search(r"final weights checksum: (\S+)", o).group(1) for o in outputs]
+    assert sums[0] == sums[1]
+    assert tf.train.latest_checkpoint(str(tmp_path / "run0")).endswith("ckpt-4")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--coeff=1.5"], "--coeff must be in the open interval (0, 1)"),
+    (["--dataset=mnist", "--preset=digits_density"], "disagree on the event shape"),
+    (["--preset=nope"], "--preset"),
+    (["--train_steps=5", "--epochs=1"], "not both"),
+])
+def test_bad_flags_are_refused(args, message):
+    proc = _run_binary(args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
