@@ -19,7 +19,7 @@ from tf_iresnet.tasks.density import DensityTrainConfig, train_density
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = dict(jit_compile=False, log_every=2, num_samples=4, eval_examples=64)
-TINY_IMAGE = {"blocks": (1, 1), "hidden_channels": 8, "power_iterations": 1}
+TINY_IMAGE = {"blocks": (1, 1, 1), "hidden_channels": 8, "power_iterations": 1}
 TINY_2D = {"blocks": (2,), "hidden_channels": 16, "eval_logdet": "exact"}
 
 

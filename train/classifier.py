@@ -5,7 +5,8 @@ r"""Trains an i-ResNet classifier (or hybrid classifier + density model) and exp
     python -m train.classifier --preset=cifar10_classifier_paper --dataset=cifar10 \
         --strategy=mirrored                                      # the paper's script, 200 epochs
 
-Flags are read in `main` only and resolved into a `ClassifierTrainConfig` (written to
+Flags are defined by `define_flags` (when run as a program, not on import), read only by
+`config_from_flags` and resolved into a `ClassifierTrainConfig` (written to
 ``model_dir/config.json``); `train_classifier(config)` does the rest with the shared machinery
 of `tf_iresnet.training`: the chosen `tf.distribute` strategy, the custom loop with checkpoints
 and resumption, TensorBoard logs (``model_dir/train``: loss, cross-entropy, accuracy, learning
@@ -187,8 +188,9 @@ class Evaluator:
 
     Returns (and the loop logs under ``model_dir/eval``) ``accuracy``, ``loss``, ``xent``,
     ``bits_per_dim`` (hybrid), ``reconstruction_max_abs_error`` of ``invert(features(x))`` on
-    the first ``num_images`` test images, and ``lipschitz_layer_max``; writes per-layer
-    Lipschitz estimates (``lipschitz/<layer>``) and the input and reconstruction grids.
+    the first ``num_images`` test images, ``lipschitz_layer_max`` and ``lipschitz_block_max``;
+    writes the per-layer Lipschitz estimates (``lipschitz/<layer>``), their products per
+    residual branch (``lipschitz_block/<block>``) and the input and reconstruction grids.
     """
 
     def __init__(self, model, cfg: ClassifierTrainConfig):
@@ -228,7 +230,10 @@ class Evaluator:
         report = lipschitz_report(self.model, upper_bounds=False)
         for entry in report["layers"]:
             summaries.scalar(f"lipschitz/{entry['name']}", entry["estimate"], step=step)
+        for entry in report["blocks"]:  # products over each residual branch g
+            summaries.scalar(f"lipschitz_block/{entry['name']}", entry["estimate"], step=step)
         results["lipschitz_layer_max"] = max(e["estimate"] for e in report["layers"])
+        results["lipschitz_block_max"] = max(e["estimate"] for e in report["blocks"])
         image_summary("images/inputs", first, step)
         image_summary("images/reconstructions", tf.clip_by_value(rec, 0.0, 1.0), step)
         return results
@@ -291,95 +296,108 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
 
 # --- flags ---------------------------------------------------------------------------------
 
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("dataset", "digits", classifier_datasets(), "Labelled training data.")
-flags.DEFINE_enum("preset", "digits_classifier", classifier_presets(), "Model preset.")
-flags.DEFINE_string("model_dir", None, "Run directory (default runs/<preset>_<dataset>).")
-flags.DEFINE_string("export_dir", None,
-                    "SavedModel destination (default saved_models/<preset>; '' skips export).")
-flags.DEFINE_integer("batch_size", None, "Global batch size (default: 64 for digits, else 128).",
-                     lower_bound=1)
-flags.DEFINE_integer("train_steps", None, "Optimizer steps (or give --epochs).", lower_bound=1)
-flags.DEFINE_float("epochs", None,
-                   "Passes over the training split (default: 30 for digits, else 200).")
-flags.DEFINE_enum("strategy", "auto", list(STRATEGY_NAMES), "tf.distribute strategy.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_float("lr", None, "Peak SGD learning rate (default: 0.05 for digits, else 0.1 as "
-                   "in the paper).")
-flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay (the paper's 5e-4).", lower_bound=0.0)
-flags.DEFINE_float("coeff", None, "Spectral-norm coefficient in (0, 1) (default: the preset's).")
-flags.DEFINE_integer("power_iterations", None,
-                     "Power iterations per training step (default: the preset's).",
-                     lower_bound=0)
-flags.DEFINE_float("hybrid_weight", None,
-                   "Weight of bits/dim in the loss; > 0 trains a hybrid model (default: the "
-                   "preset's; needs an unpadded preset such as digits_hybrid).", lower_bound=0.0)
-flags.DEFINE_integer("eval_every", None,
-                     "Steps between test evaluations (0: only at the end; default: 200 for "
-                     "digits, else 2000).", lower_bound=0)
-flags.DEFINE_integer("checkpoint_every", None,
-                     "Steps between checkpoints (0: only at the end; default as --eval_every).",
-                     lower_bound=0)
-flags.DEFINE_integer("log_every", 10, "Steps between TensorBoard/progress-bar updates.",
-                     lower_bound=1)
-flags.DEFINE_boolean("jit_compile", False, "XLA-compile the forward and backward pass.")
-
-flags.register_validator("coeff", lambda c: c is None or 0.0 < c < 1.0,
-                         message="--coeff must be in the open interval (0, 1): the residual "
-                                 "branches must be contractive to be invertible.")
-flags.register_validator("lr", lambda v: v is None or v > 0.0, message="--lr must be > 0.")
-flags.register_validator("epochs", lambda v: v is None or v > 0.0,
-                         message="--epochs must be > 0.")
-flags.register_multi_flags_validator(
-    ["train_steps", "epochs"], lambda f: f["train_steps"] is None or f["epochs"] is None,
-    message="Give --train_steps or --epochs, not both.")
+_MODEL_FLAGS = ("coeff", "power_iterations", "hybrid_weight")
 
 
-def _check_model_flags(f) -> bool:
-    overrides = {k: f[k] for k in ("coeff", "power_iterations", "hybrid_weight")
-                 if f[k] is not None}
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines the binary's flags and their validators in ``fv``.
+
+    Called by ``python -m train.classifier`` only (not at import), so that importing this
+    module next to another binary's flags cannot clash; tests pass their own `FlagValues`.
+    """
+    f = dict(flag_values=fv)
+    flags.DEFINE_enum("dataset", "digits", classifier_datasets(), "Labelled training data.", **f)
+    flags.DEFINE_enum("preset", "digits_classifier", classifier_presets(), "Model preset.", **f)
+    flags.DEFINE_string("model_dir", None, "Run directory (default runs/<preset>_<dataset>).",
+                        **f)
+    flags.DEFINE_string("export_dir", None, "SavedModel destination (default "
+                        "saved_models/<preset>; '' skips the export).", **f)
+    flags.DEFINE_integer("batch_size", None,
+                         "Global batch size (default: 64 for digits, else 128).",
+                         lower_bound=1, **f)
+    flags.DEFINE_integer("train_steps", None, "Optimizer steps (or give --epochs).",
+                         lower_bound=1, **f)
+    flags.DEFINE_float("epochs", None,
+                       "Passes over the training split (default: 30 for digits, else 200).", **f)
+    flags.DEFINE_enum("strategy", "auto", list(STRATEGY_NAMES), "tf.distribute strategy.", **f)
+    flags.DEFINE_integer("seed", 0, "Random seed.", **f)
+    flags.DEFINE_float("lr", None, "Peak SGD learning rate (default: 0.05 for digits, else "
+                       "the paper's 0.1).", **f)
+    flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay (the paper's 5e-4).",
+                       lower_bound=0.0, **f)
+    flags.DEFINE_float("coeff", None,
+                       "Spectral-norm coefficient in (0, 1) (default: the preset's, 0.9).", **f)
+    flags.DEFINE_integer("power_iterations", None,
+                         "Power iterations per training step (default: the preset's, 1).",
+                         lower_bound=0, **f)
+    flags.DEFINE_float("hybrid_weight", None,
+                       "Weight of bits/dim in the loss; > 0 trains a hybrid model (default: "
+                       "the preset's; needs an unpadded preset such as digits_hybrid).",
+                       lower_bound=0.0, **f)
+    flags.DEFINE_integer("eval_every", None, "Steps between test evaluations (0: only at the "
+                         "end; default: 200 for digits, else 2000).", lower_bound=0, **f)
+    flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints (0: only at the "
+                         "end; default: as --eval_every).", lower_bound=0, **f)
+    flags.DEFINE_integer("log_every", 10, "Steps between TensorBoard/progress-bar updates.",
+                         lower_bound=1, **f)
+    flags.DEFINE_boolean("jit_compile", False,
+                         "XLA-compile the forward and backward pass (slower for the digits "
+                         "models on CPU).", **f)
+
+    flags.register_validator(
+        "coeff", lambda c: c is None or 0.0 < c < 1.0, flag_values=fv,
+        message="--coeff must be in the open interval (0, 1): the residual branches must be "
+                "contractive to be invertible.")
+    flags.register_validator("lr", lambda v: v is None or v > 0.0, flag_values=fv,
+                             message="--lr must be > 0.")
+    flags.register_validator("epochs", lambda v: v is None or v > 0.0, flag_values=fv,
+                             message="--epochs must be > 0.")
+    flags.register_multi_flags_validator(
+        ["train_steps", "epochs"], lambda v: v["train_steps"] is None or v["epochs"] is None,
+        message="Give --train_steps or --epochs, not both.", flag_values=fv)
+    flags.register_multi_flags_validator(
+        ["preset", "dataset", *_MODEL_FLAGS], _check_model_flags, flag_values=fv)
+
+
+def _check_model_flags(values: dict) -> bool:
+    overrides = {k: values[k] for k in _MODEL_FLAGS if values[k] is not None}
     try:
-        resolve_model_config(f["preset"], f["dataset"], overrides)
+        resolve_model_config(values["preset"], values["dataset"], overrides)
     except ValueError as e:
         raise flags.ValidationError(str(e)) from None
     return True
 
 
-flags.register_multi_flags_validator(
-    ["preset", "dataset", "coeff", "power_iterations", "hybrid_weight"], _check_model_flags)
-
-
-def config_from_flags() -> ClassifierTrainConfig:
-    """Resolves the parsed flags into a `ClassifierTrainConfig`."""
-    batch, epochs, lr, interval = _DEFAULTS[FLAGS.dataset]
-    batch = FLAGS.batch_size or batch
-    train_steps = FLAGS.train_steps
+def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ClassifierTrainConfig:
+    """Resolves parsed flags into a `ClassifierTrainConfig` (dataset defaults filled in)."""
+    batch, epochs, lr, interval = _DEFAULTS[fv.dataset]
+    batch = fv.batch_size or batch
+    train_steps = fv.train_steps
     if train_steps is None:
-        size = datasets.num_examples(FLAGS.dataset, "train")
-        train_steps = max(1, round((FLAGS.epochs or epochs) * size / batch))
+        size = datasets.num_examples(fv.dataset, "train")
+        train_steps = max(1, round((fv.epochs or epochs) * size / batch))
     warmup, decays = schedule_steps(train_steps)
-    overrides = {k: FLAGS[k].value for k in ("coeff", "power_iterations", "hybrid_weight")
-                 if FLAGS[k].value is not None}
-    eval_every = interval if FLAGS.eval_every is None else FLAGS.eval_every
+    overrides = {k: fv[k].value for k in _MODEL_FLAGS if fv[k].value is not None}
+    eval_every = interval if fv.eval_every is None else fv.eval_every
     return ClassifierTrainConfig(
-        dataset=FLAGS.dataset, preset=FLAGS.preset,
-        model=resolve_model_config(FLAGS.preset, FLAGS.dataset, overrides),
-        model_dir=FLAGS.model_dir or os.path.join("runs", f"{FLAGS.preset}_{FLAGS.dataset}"),
-        export_dir=(FLAGS.export_dir if FLAGS.export_dir is not None
-                    else os.path.join("saved_models", FLAGS.preset)),
-        batch_size=batch, train_steps=train_steps, learning_rate=FLAGS.lr or lr,
-        weight_decay=FLAGS.weight_decay, warmup_steps=warmup, decay_steps=decays,
-        augment=FLAGS.dataset in _AUGMENTED, strategy=FLAGS.strategy, seed=FLAGS.seed,
+        dataset=fv.dataset, preset=fv.preset,
+        model=resolve_model_config(fv.preset, fv.dataset, overrides),
+        model_dir=fv.model_dir or os.path.join("runs", f"{fv.preset}_{fv.dataset}"),
+        export_dir=(fv.export_dir if fv.export_dir is not None
+                    else os.path.join("saved_models", fv.preset)),
+        batch_size=batch, train_steps=train_steps, learning_rate=fv.lr or lr,
+        weight_decay=fv.weight_decay, warmup_steps=warmup, decay_steps=decays,
+        augment=fv.dataset in _AUGMENTED, strategy=fv.strategy, seed=fv.seed,
         eval_every=eval_every,
-        checkpoint_every=(eval_every if FLAGS.checkpoint_every is None
-                          else FLAGS.checkpoint_every),
-        log_every=FLAGS.log_every, jit_compile=FLAGS.jit_compile)
+        checkpoint_every=eval_every if fv.checkpoint_every is None else fv.checkpoint_every,
+        log_every=fv.log_every, jit_compile=fv.jit_compile)
 
 
 def main(argv):
+    """Entry point of ``python -m train.classifier`` (flags defined by `define_flags`)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    results = train_classifier(config_from_flags())
+    results = train_classifier(config_from_flags(flags.FLAGS))
     if "test_accuracy" in results:
         print(f"test accuracy: {results['test_accuracy']:.4f}")
         if "test_bits_per_dim" in results:
@@ -390,4 +408,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

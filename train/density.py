@@ -103,10 +103,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     results = train_density(config_from_flags())
+    if "samples_png" not in results:
+        return  # a non-chief worker: the chief reports, saves and exports
     print(f"test bits/dim: {results['test_bits_per_dim']:.4f}")
+    print(f"samples: {results['samples_png']}")
     if "export_dir" in results:
         print(f"SavedModel: {results['export_dir']}")
-    print(f"samples: {results['samples_png']}")
 
 
 if __name__ == "__main__":

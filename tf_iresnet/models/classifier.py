@@ -14,7 +14,11 @@ Every block's residual branch g is `tf_iresnet.conv_branch` with the stage's hid
 very first block of the network drops g's leading activation; the squeeze of a stride-2 stage
 happens at the start of its first block, before that block's ActNorm (as in the official
 classifier), and the spectral norms are computed at the post-squeeze resolution the
-convolutions actually see.
+convolutions actually see. One departure: in a padded model the first block's ActNorm comes
+before the padding and normalizes the data channels only. Initialized from data, an ActNorm
+over the all-zero padding channels would scale them by 1/eps and make their shift train with
+a huge effective step (measured on the digits, even with eps 1e-2: features of magnitude 6e4
+after ten SGD steps, against 22 with the ActNorm before the padding).
 
 ``features(x)`` runs the invertible part, ``invert(z)`` inverts it (fixed-point inverse of each
 block with the core's tolerance; a miss raises `tf_iresnet.InverseNotConvergedError` eagerly or
@@ -36,10 +40,11 @@ normalized density of the images), so hybrid configurations must not pad
 
 ``blocks=(7, 7, 7)``, ``hidden_channels=(32, 64, 128)``, ``strides=(1, 2, 2)``,
 ``pad_channels=13`` (16 x 32 x 32 after padding, then 64 x 16 x 16 and 256 x 8 x 8) has
-4,873,178 trainable parameters: convolutions 4,865,392, ActNorms 4,704, head BatchNorm 512 and
-dense 2,570. The official script reports 4,905,946; the difference, 32,768 = 2 x 16 x 32 x 32, is
-the learned Gaussian prior (mean and log-std per input dimension) that the official network
-allocates even when it only classifies. It is unused for classification and not created here.
+4,873,152 trainable parameters: convolutions 4,865,392, ActNorms 4,678, head BatchNorm 512 and
+dense 2,570, 0.67% below the official script's 4,905,946. Of the difference, 32,768 =
+2 x 16 x 32 x 32 is the learned Gaussian prior (mean and log-std per input dimension) that the
+official network allocates even when it only classifies (unused, not created here), and 26 is
+the first ActNorm acting on 3 channels instead of 16.
 """
 
 from __future__ import annotations
@@ -257,18 +262,19 @@ class IResNetClassifier(keras.Model):
         if not isinstance(config, ClassifierConfig):
             raise TypeError(f"config must be a ClassifierConfig, got {type(config).__name__}.")
         self.config = config
-        self._squeeze_first = []
-        self.actnorm_states = []
-        self.branches = []
-        for i, (squeeze, shape, hidden) in enumerate(config.block_shapes()):
-            self._squeeze_first.append(squeeze)
+        plan = config.block_shapes()
+        self._squeeze_first = tuple(squeeze for squeeze, _, _ in plan)
+        # Sublayers are attributes, not list items: tf.train.Checkpoint (the training loop's
+        # checkpoints) tracks a Keras 3 model's attributes but not the layers in its lists, and
+        # would then lose ActNorm's `initialized` flag and the power-iteration vectors.
+        for i, (_, shape, hidden) in enumerate(plan):
             if config.actnorm:
                 state = ActNormState(name=f"actnorm_{i}")
                 # The first ActNorm of a padded model acts before the padding (see bijectors).
                 state.build((None, *(config.input_shape if i == 0 and config.pad_channels
                                      else shape)))
-                self.actnorm_states.append(state)
-            self.branches.append(conv_branch(
+                setattr(self, f"actnorm_{i}", state)
+            setattr(self, f"block_{i}", conv_branch(
                 shape, hidden, coeff=config.coeff, power_iterations=config.power_iterations,
                 activation=config.activation, leading_activation=i > 0, name=f"block_{i}"))
         channels = config.feature_shape[-1]
@@ -288,6 +294,18 @@ class IResNetClassifier(keras.Model):
     def from_config(cls, config):
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config["config"].items()}
         return cls(ClassifierConfig(**fields), name=config.get("name"))
+
+    @property
+    def branches(self) -> list[keras.Sequential]:
+        """The residual branches g of the blocks, in order."""
+        return [getattr(self, f"block_{i}") for i in range(len(self._squeeze_first))]
+
+    @property
+    def actnorm_states(self) -> list[ActNormState]:
+        """The ActNorm states of the blocks, in order (empty without ActNorm)."""
+        if not self.config.actnorm:
+            return []
+        return [getattr(self, f"actnorm_{i}") for i in range(len(self._squeeze_first))]
 
     # -- data-dependent initialization ------------------------------------------------------
 
@@ -336,13 +354,14 @@ class IResNetClassifier(keras.Model):
             # scale 1/eps (1e6), and their shift an effective learning rate 1e12 times larger;
             # so the first block's ActNorm normalizes the data channels before the padding.
             if cfg.actnorm:
-                views.append(actnorm(self.actnorm_states[0], name="actnorm_0"))
+                views.append(actnorm(self.actnorm_0, name="actnorm_0"))
             views.append(ZeroChannelPad(cfg.pad_channels))
+        states = self.actnorm_states
         for i, branch in enumerate(self.branches):
             if self._squeeze_first[i]:
                 views.append(Squeeze())
             if cfg.actnorm and not (i == 0 and cfg.pad_channels):
-                views.append(actnorm(self.actnorm_states[i], name=f"actnorm_{i}"))
+                views.append(actnorm(states[i], name=f"actnorm_{i}"))
             block_seed = None if seed is None else seed + tf.constant([0, i], seed.dtype)
             views.append(InvertibleResidualBlock(
                 branch, event_ndims=3, logdet=logdet, n_terms=n_terms, training=training,
@@ -353,9 +372,16 @@ class IResNetClassifier(keras.Model):
                 name=f"block_{i}"))
         return views
 
+    def _fresh(self, t) -> tf.Tensor:
+        """A new tensor object: TFP caches bijector results per input tensor, and the views of
+        another call over the same weights compare equal, so an earlier call on the same tensor
+        would be returned (e.g. computed outside a gradient tape, or `invert` returning the
+        input of `features` instead of inverting)."""
+        return tf.identity(tf.convert_to_tensor(t, self.compute_dtype))
+
     def features(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
         """The invertible part: ``[B, *input_shape] -> [B, *feature_shape]``."""
-        x = tf.convert_to_tensor(x, self.compute_dtype)
+        x = self._fresh(x)
         for bijector in self.bijectors(training=training):
             x = bijector.forward(x)
         return x
@@ -371,7 +397,7 @@ class IResNetClassifier(keras.Model):
         cfg = self.config
         logdet = logdet or cfg.eval_logdet
         n_terms = n_terms or cfg.eval_n_terms
-        x = tf.convert_to_tensor(x, self.compute_dtype)
+        x = self._fresh(x)
         total = tf.zeros(tf.shape(x)[:1], x.dtype)
         for bijector in self.bijectors(training=training, logdet=logdet, n_terms=n_terms,
                                        seed=seed):
@@ -388,9 +414,7 @@ class IResNetClassifier(keras.Model):
         misses it raises `InverseNotConvergedError` eagerly (``InvalidArgumentError`` when run
         in a graph) with ``on_failure="raise"``, or warns with ``"warn"``.
         """
-        # A fresh tensor: TFP caches bijector results per input tensor, and equal views would
-        # otherwise return the cached input of `features` instead of inverting.
-        z = tf.identity(tf.convert_to_tensor(z, self.compute_dtype))
+        z = self._fresh(z)
         views = self.bijectors(inverse_on_failure=on_failure, **inverse_options)
         for bijector in reversed(views):
             z = bijector.inverse(z)

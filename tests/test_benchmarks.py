@@ -1,0 +1,94 @@
+"""benchmarks.run on a tiny model: every phase, the JSON record, the sweep chart (no timing
+asserts: the figures only have to exist, be finite and positive)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from benchmarks import run
+
+TINY = {"blocks": [1, 1, 1], "hidden_channels": 8, "power_iterations": 1}
+
+
+def _tiny(**kwargs):
+    return run.BenchConfig(preset="bench_cifar_small", batch_size=4, steps=2, warmup=1,
+                           overrides=TINY, **kwargs)
+
+
+def _positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.parametrize("xla", [False, True])
+def test_every_phase_in_process(xla):
+    cfg = _tiny(xla=xla)
+    record = {}
+    for phase in run.PHASES:
+        record.update(run.run_phase(phase, cfg))
+    for key in ("train_img_per_s", "train_step_s", "inference_img_per_s", "eval_bpd_img_per_s",
+                "inverse_s", "train_peak_rss_gb", "inverse_peak_rss_gb"):
+        assert _positive(record[key]), (key, record[key])
+    assert math.isfinite(record["train_loss_bpd"]) and math.isfinite(record["eval_bpd"])
+    assert len(record["train_step_times_s"]) == 2
+    for solver in run.SOLVERS:
+        inv = record["inverse"][solver]
+        assert inv["converged"] and inv["iterations_max"] >= 1
+        assert 0.0 <= inv["inverse_max_err"] < 1e-4
+    assert record["eval_estimator"]["mode"] == "train"
+
+
+def test_fused_train_step_matches_trainer_loss():
+    a = run.run_phase("train", _tiny(train_step="trainer"))
+    b = run.run_phase("train", _tiny(train_step="fused"))
+    # Same seeds, same step sequence: the same loss after the same number of updates.
+    np.testing.assert_allclose(a["train_loss_bpd"], b["train_loss_bpd"], rtol=1e-4)
+
+
+def test_main_prints_one_json_record_per_preset(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    records = run.main([
+        "--preset=bench_cifar_small", "--batch_size=4", "--steps=2", "--warmup=1", "--xla=off",
+        "--phases=inference", "--threads=1,1", f"--output={out}",
+        *[f"--override={k}={json.dumps(v)}" for k, v in TINY.items()]])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    assert len(records) == 1 and lines == records
+    record = records[0]
+    assert record["preset"] == "bench_cifar_small"
+    assert _positive(record["inference_img_per_s"]) and _positive(record["peak_rss_gb"])
+    settings = record["settings"]
+    assert settings["xla"] is False and settings["batch_size"] == 4
+    assert settings["intra_op_threads"] == 1 and settings["inter_op_threads"] == 1
+    assert settings["versions"]["tensorflow"] == tf.__version__
+    assert json.loads(out.read_text())["records"] == records
+
+
+def test_sweep_outputs(tmp_path):
+    rows = []
+    for axis, values, gradients in (("n_terms", run.SWEEP_TERMS, ("plain", "neumann")),
+                                    ("blocks_per_scale", run.SWEEP_BLOCKS, ("plain",)),
+                                    ("batch_size", run.SWEEP_BATCHES, ("plain",))):
+        for g in gradients:
+            for v in values:
+                rows.append({"preset": "p", "xla": True, "axis": axis, "value": v,
+                             "gradient": g, "batch_size": 64, "train_step_s": 0.1 * v,
+                             "train_img_per_s": 640 / v, "peak_rss_gb": 1 + 0.01 * v,
+                             "rss_before_gb": 0.8})
+    png = tmp_path / "sweep.png"
+    run.sweep_png(rows, str(png))
+    run.write_sweep_csv(rows, str(tmp_path / "sweep.csv"))
+    image = tf.io.decode_png(tf.io.read_file(str(png)))
+    assert image.shape == (440, 960, 3)
+    assert len(np.unique(image.numpy().reshape(-1, 3), axis=0)) >= 4  # axes, text, 2 lines
+    assert "n_terms" in run.sweep_table(rows)
+    assert os.path.getsize(tmp_path / "sweep.csv") > 0
+
+
+def test_bad_flags():
+    with pytest.raises(SystemExit):
+        run.main(["--phases=nope"])
+    with pytest.raises(SystemExit):
+        run.main(["--threads=-1"])

@@ -1,0 +1,166 @@
+"""train.classifier end to end: strategies, TensorBoard, resume, export, the CLI and its flags."""
+
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from tf_iresnet import presets
+from tf_iresnet.training import read_config
+from train import classifier
+from train.classifier import ClassifierTrainConfig, schedule_steps, train_classifier
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(tmp_path, **changes):
+    steps = changes.pop("train_steps", 6)
+    warmup, decays = schedule_steps(steps)
+    cfg = ClassifierTrainConfig(
+        dataset="digits", preset="digits_classifier",
+        model=presets.config("digits_classifier"), model_dir=str(tmp_path / "run"),
+        export_dir="", batch_size=32, train_steps=steps, learning_rate=0.05,
+        warmup_steps=warmup, decay_steps=decays, strategy="default", eval_every=3,
+        checkpoint_every=3, log_every=2, num_images=8)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _event_tags(logdir):
+    tags = set()
+    for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+def test_end_to_end_then_resume_and_export(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    results = train_classifier(cfg)
+    assert results["step"] == 6 and results["num_replicas"] == 1
+    assert 0.0 <= results["test_accuracy"] <= 1.0 and np.isfinite(results["final/xent"])
+    assert results["reconstruction_max_abs_error"] < 1e-3
+    assert read_config(cfg.model_dir, ClassifierTrainConfig) == cfg
+    assert json.load(open(os.path.join(cfg.model_dir, "results.json")))["step"] == 6
+    assert tf.train.latest_checkpoint(cfg.model_dir).endswith("ckpt-6")
+    assert {"loss", "xent", "accuracy", "learning_rate"} <= _event_tags(
+        os.path.join(cfg.model_dir, "train"))
+    eval_tags = _event_tags(os.path.join(cfg.model_dir, "eval"))
+    assert {"accuracy", "loss", "xent", "reconstruction_max_abs_error", "lipschitz_layer_max",
+            "lipschitz_block_max", "images/inputs", "images/reconstructions"} <= eval_tags
+    assert any(t.startswith("lipschitz/") for t in eval_tags)
+    assert any(t.startswith("lipschitz_block/block_") for t in eval_tags)
+    first = tf.train.load_checkpoint(tf.train.latest_checkpoint(cfg.model_dir))
+    # Every model weight is checkpointed, ActNorm's flag and the power-iteration state included.
+    saved = [k for k in first.get_variable_to_shape_map() if k.startswith("model/")]
+    assert len(saved) == len(presets.build("digits_classifier").weights)
+    assert first.get_tensor("model/actnorm_1/initialized/.ATTRIBUTES/VARIABLE_VALUE") == 1
+    assert any(k.endswith("/u/.ATTRIBUTES/VARIABLE_VALUE") for k in saved)
+    capsys.readouterr()
+
+    # Resume with a longer run, this time exporting.
+    export_dir = str(tmp_path / "export")
+    cfg2 = dataclasses.replace(cfg, train_steps=8, export_dir=export_dir)
+    results = train_classifier(cfg2)
+    assert "Training steps 6 -> 8" in capsys.readouterr().out
+    assert results["step"] == 8
+    after = tf.train.load_checkpoint(tf.train.latest_checkpoint(cfg.model_dir))
+    key = next(k for k in first.get_variable_to_shape_map() if "iterations" in k)
+    assert after.get_tensor(key) == first.get_tensor(key) + 2
+    loaded = tf.saved_model.load(export_dir)
+    x = tf.random.stateless_uniform([3, 8, 8, 1], seed=[1, 2])
+    assert loaded.serving_default(x)["classes"].shape == (3,)
+    np.testing.assert_allclose(loaded.reconstruct(x).numpy(), x.numpy(), atol=1e-4)
+
+
+def test_two_replicas(tmp_path):
+    assert len(tf.config.list_logical_devices("CPU")) == 2  # tests/conftest.py
+    cfg = _config(tmp_path, strategy="mirrored", train_steps=4, eval_every=0,
+                  checkpoint_every=0)
+    results = train_classifier(cfg)
+    assert results["num_replicas"] == 2 and results["step"] == 4
+    assert np.isfinite(results["loss"]) and 0.0 <= results["test_accuracy"] <= 1.0
+    assert tf.train.latest_checkpoint(cfg.model_dir).endswith("ckpt-4")
+
+
+def test_hybrid_run(tmp_path):
+    tiny_hybrid = dataclasses.replace(presets.config("digits_hybrid"), blocks=(1, 1),
+                                      hidden_channels=(16, 16))
+    cfg = _config(tmp_path, preset="digits_hybrid", model=tiny_hybrid, train_steps=4,
+                  eval_every=0, checkpoint_every=0, export_dir=str(tmp_path / "export"))
+    results = train_classifier(cfg)
+    assert 0.0 < results["test_bits_per_dim"] < 10.0
+    assert "bits_per_dim" in _event_tags(os.path.join(cfg.model_dir, "train"))
+    loaded = tf.saved_model.load(cfg.export_dir)
+    x = tf.random.stateless_uniform([3, 8, 8, 1], seed=[1, 2])
+    assert np.isfinite(loaded.bits_per_dim(x).numpy()).all()
+
+
+def test_cli(tmp_path):
+    model_dir = str(tmp_path / "run")
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.classifier", f"--model_dir={model_dir}", "--export_dir=",
+         "--train_steps=3", "--batch_size=16", "--eval_every=0", "--log_every=1",
+         "--strategy=default", "--coeff=0.8"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test accuracy:" in proc.stdout and "reconstruction max abs error:" in proc.stdout
+    assert "accuracy:" in proc.stdout.split("Training steps 0 -> 3", 1)[1]  # progress bar
+    config = read_config(model_dir)
+    assert config["train_steps"] == 3 and config["model"]["coeff"] == 0.8
+    assert config["preset"] == "digits_classifier" and config["weight_decay"] == 5e-4
+    bad = subprocess.run([sys.executable, "-m", "train.classifier", "--coeff=2"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--coeff must be in the open interval" in bad.stderr
+
+
+def _parse(args):
+    fv = flags.FlagValues()
+    classifier.define_flags(fv)
+    fv(["train.classifier", *args])
+    return classifier.config_from_flags(fv)
+
+
+def test_flag_defaults_and_overrides():
+    cfg = _parse([])
+    assert (cfg.dataset, cfg.preset, cfg.batch_size) == ("digits", "digits_classifier", 64)
+    assert cfg.train_steps == round(30 * 1500 / 64) and cfg.learning_rate == 0.05
+    assert cfg.warmup_steps == schedule_steps(cfg.train_steps)[0] > 0
+    assert len(cfg.decay_steps) == 3 and cfg.weight_decay == 5e-4 and not cfg.augment
+    assert cfg.model_dir == os.path.join("runs", "digits_classifier_digits")
+    assert cfg.export_dir == os.path.join("saved_models", "digits_classifier")
+    cfg = _parse(["--preset=digits_hybrid", "--epochs=2", "--coeff=0.8", "--batch_size=50",
+                  "--export_dir="])
+    assert cfg.train_steps == 60 and cfg.export_dir == ""
+    assert cfg.model.coeff == 0.8 and cfg.model.hybrid
+    # The paper's schedule for CIFAR: warm-up 10 epochs, x0.2 at epochs 60, 120 and 160.
+    cfg = _parse(["--dataset=cifar10", "--preset=cifar10_classifier_paper"])
+    epoch = 50_000 / 128
+    assert cfg.augment and cfg.learning_rate == 0.1 and cfg.model.power_iterations == 1
+    assert abs(cfg.warmup_steps - 10 * epoch) <= 1
+    assert all(abs(d - e * epoch) <= 1 for d, e in zip(cfg.decay_steps, (60, 120, 160),
+                                                        strict=True))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--coeff=1.5"], "--coeff must be in the open interval (0, 1)"),
+    (["--train_steps=5", "--epochs=1"], "not both"),
+    (["--preset=cifar10_classifier_paper"], "pick a matching --preset"),
+    (["--dataset=cifar100", "--preset=cifar10_classifier_paper"], "100 classes"),
+    (["--hybrid_weight=1"], "needs pad_channels=0"),
+    (["--preset=digits_density"], "should be one of"),
+    (["--batch_size=0"], "batch_size"),
+    (["--lr=0"], "--lr must be > 0"),
+    (["--strategy=tpu"], "strategy"),
+])
+def test_bad_flags_are_refused(args, message):
+    with pytest.raises(flags.Error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _parse(args)
