@@ -200,11 +200,17 @@ _LOAD_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_export_reloads_without_the_project(tmp_path):
-    plain, hybrid = _model(TINY), _model(TINY_HYBRID)
-    paths = {"plain": str(tmp_path / "plain"), "hybrid": str(tmp_path / "hybrid")}
-    export_classifier(plain, paths["plain"])
-    export_classifier(hybrid, paths["hybrid"])
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The tiny plain and hybrid models and their SavedModel directories."""
+    root = tmp_path_factory.mktemp("exports")
+    models = {"plain": _model(TINY), "hybrid": _model(TINY_HYBRID)}
+    paths = {name: export_classifier(m, str(root / name)) for name, m in models.items()}
+    return models, paths
+
+
+def test_export_reloads_without_the_project(exported, tmp_path):
+    (plain, hybrid), paths = exported[0].values(), exported[1]
     x, _ = _digits(16, "test", dequantize=True)
     np.save(tmp_path / "x.npy", x.numpy())
     site_packages = os.path.dirname(os.path.dirname(tf.__file__))
@@ -247,14 +253,12 @@ def test_export_reloads_without_the_project(tmp_path):
                                + np.log2(17), rtol=1e-5)
 
 
-def test_saved_model_cli_lists_the_signatures(tmp_path):
+def test_saved_model_cli_lists_the_signatures(exported):
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     if not os.path.exists(cli):
         pytest.skip("saved_model_cli is not installed next to this interpreter")
-    path = str(tmp_path / "export")
-    export_classifier(_model(TINY_HYBRID), path)
-    proc = subprocess.run([cli, "show", "--dir", path, "--all"], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([cli, "show", "--dir", exported[1]["hybrid"], "--all"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("serving_default", "features", "reconstruct", "log_prob", "bits_per_dim"):
         assert f"signature_def['{name}']" in proc.stdout

@@ -142,19 +142,27 @@ def test_digits_cli_end_to_end_and_export(tmp_path):
     _check_export(export_dir, (8, 8, 1), 17, tmp_path)
 
 
-def test_toy2d_on_two_replicas(tmp_path):
-    strategy_devices = tf.config.list_logical_devices("CPU")
-    assert len(strategy_devices) == 2  # tests/conftest.py
+@pytest.mark.parametrize("dataset, strategy", [
+    ("moons", "mirrored"), ("digits", "mirrored"), ("moons", "default")])
+def test_runs_on_strategies(dataset, strategy, tmp_path):
+    assert len(tf.config.list_logical_devices("CPU")) == 2  # tests/conftest.py
+    toy = dataset == "moons"
     cfg = DensityTrainConfig(
-        dataset="moons", preset="toy2d_density", model_dir=str(tmp_path / "run"),
-        export_dir=str(tmp_path / "export"), batch_size=32, train_steps=6, eval_every=3,
-        checkpoint_every=0, strategy="mirrored", model_overrides=TINY_2D, **FAST)
+        dataset=dataset, preset="toy2d_density" if toy else "digits_density",
+        model_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "export"), batch_size=32,
+        train_steps=6, eval_every=3, checkpoint_every=0, strategy=strategy,
+        model_overrides=TINY_2D if toy else {"blocks": (1, 1), "hidden_channels": 8}, **FAST)
     results = train_density(cfg)
     assert np.isfinite(results["test_bits_per_dim"])
-    assert os.path.exists(os.path.join(cfg.model_dir, "density.png"))
-    assert "images/density" in _event_tags(os.path.join(cfg.model_dir, "eval"))
+    assert results["loss"] < 20 and np.isfinite(results["loss"])
+    eval_tags = _event_tags(os.path.join(cfg.model_dir, "eval"))
+    if toy:
+        assert os.path.exists(os.path.join(cfg.model_dir, "density.png"))
+        assert "images/density" in eval_tags
+    assert any(t.startswith("lipschitz_layers/") for t in eval_tags)
     loaded = tf.saved_model.load(cfg.export_dir)
-    x = tf.random.stateless_normal([4, 2], seed=[1, 1])
+    x = (tf.random.stateless_normal([4, 2], seed=[1, 1]) if toy
+         else tf.random.stateless_uniform([4, 8, 8, 1], seed=[1, 1]))
     assert np.isfinite(loaded.log_prob(x).numpy()).all()
     np.testing.assert_allclose(loaded.decode(loaded.encode(x)).numpy(), x.numpy(), atol=1e-4)
 

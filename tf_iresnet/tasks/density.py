@@ -190,6 +190,8 @@ class Evaluator:
         estimates = [r["estimate"] for r in report["layers"]]
         for r in report["blocks"]:
             summaries.scalar(f"lipschitz/{r['name']}", r["estimate"], step=step)
+        for r in report["layers"]:
+            summaries.scalar(f"lipschitz_layers/{r['name']}", r["estimate"], step=step)
         results["lipschitz_layer_max"] = max(estimates)
         tf.summary.histogram("lipschitz/layer_estimates", estimates, step=step)
         if self.is_image:
@@ -258,9 +260,11 @@ def train_density(cfg: DensityTrainConfig) -> dict[str, float]:
         grid_path = os.path.join(cfg.model_dir, "samples.png")
         n = cfg.num_samples
         if spec.kind == "image":
-            samples = model.sample(n, seed=(cfg.seed, 0))
-            save_image_grid(tf.clip_by_value(samples, 0.0, 1.0), grid_path,
-                            nrow=int(math.ceil(math.sqrt(n))))
+            samples = tf.clip_by_value(model.sample(n, seed=(cfg.seed, 0)), 0.0, 1.0)
+            if samples.shape[1] < 32:  # upscale tiny images (digits are 8x8) to be visible
+                factor = 32 // samples.shape[1]
+                samples = tf.repeat(tf.repeat(samples, factor, axis=1), factor, axis=2)
+            save_image_grid(samples, grid_path, nrow=int(math.ceil(math.sqrt(n))))
         else:
             samples = model.sample(5000, seed=(cfg.seed, 0)).numpy()
             save_image_grid(histogram_image(samples)[None], grid_path, nrow=1)
