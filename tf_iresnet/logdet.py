@@ -104,20 +104,22 @@ class LogDetConfig:
 def _sample_roulette(config: LogDetConfig, seed) -> tf.Tensor:
     """Draws the extra term count N (int32 scalar) from a stateless RNG."""
     if config.roulette == "geometric":
-        u = tf.random.stateless_uniform([], seed=seed, minval=1e-12, maxval=1.0)
+        u = tf.random.stateless_uniform([], seed=seed, minval=1e-12, maxval=1.0, alg="philox")
         n = tf.floor(tf.math.log(u) / tf.math.log1p(-config.roulette_param))
     else:
         n = tf.random.stateless_poisson([], seed=seed, lam=config.roulette_param, dtype=tf.float32)
     return tf.cast(tf.minimum(n, float(config.max_roulette_terms)), tf.int32)
 
 
+# Random numbers use an explicit algorithm (Philox) rather than a per-device auto-selection.
+# A given seed gives the same draws eagerly and in graphs; XLA-compiled code draws another
+# (equally valid) stream from the same seed.
 def _probe(shape, dtype, kind: str, seed) -> tf.Tensor:
     if kind == "gaussian":
-        return tf.random.stateless_normal(shape, seed=seed, dtype=dtype)
-    return tf.cast(
-        2 * tf.random.stateless_uniform(shape, seed=seed, minval=0, maxval=2, dtype=tf.int32) - 1,
-        dtype,
-    )
+        return tf.random.stateless_normal(shape, seed=seed, dtype=dtype, alg="philox")
+    bits = tf.random.stateless_uniform(shape, seed=seed, minval=0, maxval=2, dtype=tf.int32,
+                                       alg="philox")
+    return tf.cast(2 * bits - 1, dtype)
 
 
 def as_stateless_seed(seed) -> tf.Tensor:
@@ -130,6 +132,12 @@ def as_stateless_seed(seed) -> tf.Tensor:
     return tf.cast(tf.convert_to_tensor(seed), tf.int32)
 
 
+def split_seed(seed, n: int) -> list[tf.Tensor]:
+    """``n`` independent stateless seeds derived from one."""
+    seeds = tf.random.split(as_stateless_seed(seed), num=n, alg="philox")
+    return [seeds[i] for i in range(n)]
+
+
 def _event_sum(t: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(tf.reshape(t, [tf.shape(t)[0], -1]), axis=1)
 
@@ -140,8 +148,9 @@ def exact_logdet(tape: tf.GradientTape, gx: tf.Tensor, x: tf.Tensor) -> tf.Tenso
     batch = tf.shape(x)[0]
     dim = tf.reduce_prod(tf.shape(x)[1:])
     jac = tf.reshape(jac, [batch, dim, dim])
-    _, logabsdet = tf.linalg.slogdet(tf.eye(dim, dtype=jac.dtype) + jac)
-    return logabsdet
+    # log|det M| = sum log|R_ii| for M = QR; unlike slogdet, QR compiles under XLA.
+    r = tf.linalg.qr(tf.eye(dim, dtype=jac.dtype) + jac, full_matrices=False).r
+    return tf.reduce_sum(tf.math.log(tf.abs(tf.linalg.diag_part(r))), axis=-1)
 
 
 def residual_and_logdet(
@@ -175,12 +184,12 @@ def residual_and_logdet(
         return tape.gradient(gx, x, output_gradients=w,
                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-    roulette_seed, probe_seed = tfp.random.split_seed(seed, n=2)
+    roulette_seed, probe_seed = split_seed(seed, 2)
     if config.method == "unbiased":
         n_total = config.n_exact_terms + _sample_roulette(config, roulette_seed)
     else:
         n_total = tf.constant(config.n_terms, tf.int32)
-    probe_seeds = tfp.random.split_seed(probe_seed, n=config.n_samples)
+    probe_seeds = split_seed(probe_seed, config.n_samples)
 
     def weight(k):
         """Coefficient of ``v^T J^k v`` in the estimate, k >= 1 (python int)."""

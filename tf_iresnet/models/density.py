@@ -20,6 +20,7 @@ from tf_iresnet.bijectors import (
 )
 from tf_iresnet.bijectors.multiscale import MultiScale
 from tf_iresnet.datasets.core import bits_per_dim
+from tf_iresnet.logdet import split_seed
 from tf_iresnet.residual import conv_branch, dense_branch
 
 tfb = tfp.bijectors
@@ -213,8 +214,7 @@ class IResNetFlow(keras.Model):
         kwargs = {**self._estimator_kwargs(mode), **block_kwargs}
         ndims = len(c.input_shape)
         n_blocks = len(self.branches)
-        seeds = ([None] * n_blocks if seed is None
-                 else list(tfp.random.split_seed(seed, n=max(n_blocks, 2))))
+        seeds = [None] * n_blocks if seed is None else split_seed(seed, max(n_blocks, 1))
         scales = []
         for s, plan in enumerate(self._plan):
             steps = []
