@@ -154,7 +154,9 @@ def _setup(cfg: BenchConfig):
 
 def _time_calls(fn, steps: int, warmup: int) -> tuple[float, list[float], float]:
     """``(median seconds, all timed seconds, seconds of the first call)``; every call's
-    result is read back to the host, so the time includes the whole computation."""
+    result is read back to the host, so the time includes the whole computation. The median
+    process CPU time per call (all threads) is kept in ``_LAST_CPU_S``: unlike wall time it
+    hardly grows when other processes compete for the cores."""
     import tensorflow as tf
 
     def run():
@@ -163,16 +165,21 @@ def _time_calls(fn, steps: int, warmup: int) -> tuple[float, list[float], float]
             t.numpy()
         return out
 
-    times, first = [], None
+    times, cpu, first = [], [], None
     for i in range(warmup + steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         run()
         elapsed = time.perf_counter() - start
         if i == 0:
             first = elapsed
         if i >= warmup:
             times.append(elapsed)
+            cpu.append(time.process_time() - start_cpu)
+    _LAST_CPU_S[0] = statistics.median(cpu)
     return statistics.median(times), times, first
+
+
+_LAST_CPU_S = [0.0]
 
 
 def _phase_train(cfg: BenchConfig, model, x) -> dict:
@@ -217,6 +224,7 @@ def _phase_train(cfg: BenchConfig, model, x) -> dict:
         median, times, first = _time_calls(call, cfg.steps, cfg.warmup)
         loss = float(call())
     return {"train_step_s": median, "train_img_per_s": cfg.batch_size / median,
+            "train_cpu_s_per_step": _LAST_CPU_S[0],
             "train_step_times_s": times, "train_first_call_s": first, "train_loss_bpd": loss}
 
 
@@ -226,6 +234,7 @@ def _phase_inference(cfg: BenchConfig, model, x) -> dict:
     encode = tf.function(model.encode, jit_compile=cfg.xla)
     median, times, first = _time_calls(lambda: encode(x), cfg.steps, cfg.warmup)
     return {"inference_s": median, "inference_img_per_s": cfg.batch_size / median,
+            "inference_cpu_s": _LAST_CPU_S[0],
             "inference_times_s": times, "inference_first_call_s": first}
 
 
@@ -245,6 +254,7 @@ def _phase_eval_bpd(cfg: BenchConfig, model, x) -> dict:
     else:
         est = dict(logdet=c.eval_logdet, n_terms=c.eval_n_terms, n_samples=c.eval_n_samples)
     return {"eval_bpd_s": median, "eval_bpd_img_per_s": cfg.batch_size / median,
+            "eval_bpd_cpu_s": _LAST_CPU_S[0],
             "eval_bpd_times_s": times, "eval_bpd": float(fn()),
             "eval_estimator": {"mode": cfg.eval_estimator, **est}}
 
@@ -280,6 +290,7 @@ def _phase_inverse(cfg: BenchConfig, model, x) -> dict:
         iterations = iterations.numpy()
         out[solver] = {
             "inverse_s": median,
+            "inverse_cpu_s": _LAST_CPU_S[0],
             "inverse_max_err": float(tf.reduce_max(tf.abs(x - x_rec))),
             "iterations_max": int(iterations.max()),
             "iterations_mean": float(iterations.mean()),
@@ -293,15 +304,127 @@ def _phase_inverse(cfg: BenchConfig, model, x) -> dict:
                                   "max_iter": cfg.inverse_max_iter}}
 
 
+def _phase_breakdown(cfg: BenchConfig, model, x) -> dict:
+    """Times the parts of a training step separately (each its own ``tf.function``)."""
+    import keras
+    import tensorflow as tf
+
+    from tf_iresnet.spectral_norm import update_spectral_norms
+
+    variables = model.trainable_variables
+    optimizer = keras.optimizers.Adamax(3e-3)
+    optimizer.build(variables)
+    seed = tf.constant([cfg.seed, 7], tf.int32)
+
+    def loss_fn(mode):
+        log_pz, logdet = model.log_prob_parts(x, mode=mode, seed=seed, data_init=False)
+        return -tf.reduce_mean(log_pz + (0.0 if logdet is None else logdet))
+
+    def grads(mode):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(mode)
+        return tape.gradient(loss, variables)
+
+    def prior_only():  # forward and backward without log-det: log p(z) only
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_mean(model.prior().log_prob(model.encode(x)))
+        return tape.gradient(loss, variables)
+
+    zeros = [tf.zeros_like(v) for v in variables]
+
+    def apply():
+        optimizer.apply_gradients(zip(zeros, variables, strict=True))
+        return tf.constant(0.0)
+
+    def power():
+        update_spectral_norms(model)
+        return tf.constant(0.0)
+
+    parts = {
+        "encode (forward, no log-det)": lambda: model.encode(x),
+        "forward + log-det (train estimator), no gradient": lambda: loss_fn("train"),
+        "forward + backward without log-det": prior_only,
+        "forward + log-det + backward": lambda: grads("train"),
+        "Adamax update": apply,
+        "power iterations (post-step)": power,
+    }
+    out, cpu = {}, {}
+    for name, fn in parts.items():
+        compiled = tf.function(fn, jit_compile=cfg.xla and "Adamax" not in name)
+        out[name] = _time_calls(compiled, cfg.steps, cfg.warmup)[0]
+        cpu[name] = _LAST_CPU_S[0]
+    return {"breakdown_s": out, "breakdown_cpu_s": cpu}
+
+
+def _phase_profile(cfg: BenchConfig, model, x) -> dict:
+    """A ``tf.profiler`` trace of ``steps`` training steps (the Trainer's), aggregated by op
+    type: the ops where the step spends its time (host CPU thread time, all threads)."""
+    import collections
+    import glob
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    from tf_iresnet.tasks.density import (
+        DensityTrainConfig,
+        make_optimizer,
+        make_train_step,
+        power_iteration_step,
+    )
+    from tf_iresnet.training import Trainer
+
+    task_cfg = DensityTrainConfig(preset=cfg.preset, batch_size=cfg.batch_size, seed=cfg.seed)
+    with tempfile.TemporaryDirectory() as model_dir:
+        trainer = Trainer(
+            strategy=tf.distribute.get_strategy(), model=model,
+            optimizer=make_optimizer(task_cfg), train_step_fn=make_train_step(task_cfg),
+            model_dir=model_dir, total_steps=1 << 30, post_step_fn=power_iteration_step,
+            jit_compile=cfg.xla, progress=False)
+        for _ in range(max(cfg.warmup, 1)):
+            float(trainer.train_step(x)[0])
+        logdir = os.path.join(model_dir, "profile")
+        tf.profiler.experimental.start(logdir)
+        for _ in range(cfg.steps):
+            float(trainer.train_step(x)[0])
+        tf.profiler.experimental.stop()
+        (path,) = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+        space = xplane_pb2.XSpace()
+        with open(path, "rb") as f:
+            space.ParseFromString(f.read())
+    by_type = collections.Counter()
+    for plane in space.planes:
+        if not plane.name.startswith("/host:CPU"):
+            continue
+        names = {k: m.name for k, m in plane.event_metadata.items()}
+        for line in plane.lines:
+            for event in line.events:
+                name = names.get(event.metadata_id, "")
+                if ":" not in name:  # "op_name:OpType" events are TensorFlow (or XLA) ops
+                    continue
+                op_type = name.rsplit(":", 1)[1].strip()
+                # Containers (the function call, the executor's run) would count ops twice.
+                if op_type in ("Process", "Run") or op_type.startswith("__inference"):
+                    continue
+                by_type[op_type] += event.duration_ps * 1e-12
+    total = sum(by_type.values()) or 1.0
+    top = {k: {"s_per_step": v / cfg.steps, "share": v / total}
+           for k, v in by_type.most_common(15)}
+    return {"profile_op_types": top, "profile_op_s_per_step": total / cfg.steps}
+
+
 _PHASE_FNS = {"train": _phase_train, "inference": _phase_inference,
-              "eval_bpd": _phase_eval_bpd, "inverse": _phase_inverse}
+              "eval_bpd": _phase_eval_bpd, "inverse": _phase_inverse,
+              "breakdown": _phase_breakdown, "profile": _phase_profile}
 
 
 def run_phase(phase: str, cfg: BenchConfig) -> dict:
     """Runs one phase in this process; returns its figures and peak memory."""
     model, x = _setup(cfg)
     base = rss_gb()
+    load = os.getloadavg()[0]
     result = _PHASE_FNS[phase](cfg, model, x)
+    result.setdefault("load_average_1min", {})[phase] = [round(load, 2),
+                                                         round(os.getloadavg()[0], 2)]
     result[f"{phase}_peak_rss_gb"] = peak_rss_gb()
     result[f"{phase}_rss_before_gb"] = base
     return result
@@ -356,6 +479,7 @@ def benchmark(cfg: BenchConfig, phases=PHASES, log=None) -> dict:
         result = _spawn_phase(phase, cfg)
         peaks[phase] = result.pop(f"{phase}_peak_rss_gb")
         record.setdefault("rss_before_phase_gb", {})[phase] = result.pop(f"{phase}_rss_before_gb")
+        record.setdefault("load_average_1min", {}).update(result.pop("load_average_1min"))
         record.update(result)
         if log:
             log(f"    done in {time.perf_counter() - start:.0f} s")
@@ -404,6 +528,7 @@ def sweep(base: BenchConfig, steps: int, log=None) -> list[dict]:
             "gradient": gradient, "batch_size": batch,
             "train_step_s": result["train_step_s"],
             "train_img_per_s": result["train_img_per_s"],
+            "train_cpu_s_per_step": result["train_cpu_s_per_step"],
             "peak_rss_gb": result["train_peak_rss_gb"],
             "rss_before_gb": result["train_rss_before_gb"],
         })
@@ -412,10 +537,10 @@ def sweep(base: BenchConfig, steps: int, log=None) -> list[dict]:
 
 def sweep_table(rows: list[dict]) -> str:
     lines = [f"{'preset':<24} {'axis':<17} {'value':>5} {'gradient':<8} {'batch':>5} "
-             f"{'step s':>8} {'img/s':>7} {'peak GB':>8} {'base GB':>8}"]
+             f"{'step s':>8} {'cpu s':>7} {'img/s':>7} {'peak GB':>8} {'base GB':>8}"]
     for r in rows:
         lines.append(f"{r['preset']:<24} {r['axis']:<17} {r['value']:>5} {r['gradient']:<8} "
-                     f"{r['batch_size']:>5} {r['train_step_s']:>8.3f} "
+                     f"{r['batch_size']:>5} {r['train_step_s']:>8.3f} {r['train_cpu_s_per_step']:>7.2f} "
                      f"{r['train_img_per_s']:>7.1f} {r['peak_rss_gb']:>8.2f} "
                      f"{r['rss_before_gb']:>8.2f}")
     return "\n".join(lines)
@@ -478,8 +603,13 @@ def _panel(img, left: int, top: int, w: int, h: int, series: dict) -> None:
         return
     xmin, xmax = min(xs), max(xs)
     ymax = max(ys) * 1.1 or 1.0
-    px = (lambda v: x0 + 5 + (v - xmin) / (xmax - xmin or 1) * (x1 - x0 - 15))
-    py = (lambda v: y1 - v / ymax * (y1 - y0))
+
+    def px(v):
+        return x0 + 5 + (v - xmin) / (xmax - xmin or 1) * (x1 - x0 - 15)
+
+    def py(v):
+        return y1 - v / ymax * (y1 - y0)
+
     for tick in np.linspace(0, ymax, 5):
         y = round(py(tick))
         img[y, x0 - 4:x0] = 0
@@ -491,7 +621,7 @@ def _panel(img, left: int, top: int, w: int, h: int, series: dict) -> None:
     for name, pts in series.items():
         color = COLORS.get(name, (0, 0, 0))
         pts = sorted(pts)
-        for a, b in zip(pts[:-1], pts[1:]):
+        for a, b in zip(pts[:-1], pts[1:], strict=True):
             _line(img, (px(a[0]), py(a[1])), (px(b[0]), py(b[1])), color)
         for a in pts:
             cx, cy = round(px(a[0])), round(py(a[1]))
@@ -550,7 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xla", choices=("on", "off", "both"), default="both")
     p.add_argument("--threads", type=_parse_threads, default=(0, 0),
                    help="INTRA or INTRA,INTER op threads (0 = TensorFlow's default)")
-    p.add_argument("--phases", default=",".join(PHASES), help="comma list of " + ", ".join(PHASES))
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help="comma list of " + ", ".join(PHASES) + " (default: all of these), "
+                        "breakdown (the train step's parts timed apart), profile (tf.profiler "
+                        "trace of the train step, by op type)")
     p.add_argument("--train_step", choices=("trainer", "fused"), default="trainer")
     p.add_argument("--eval_estimator", choices=("train", "eval"), default="train")
     p.add_argument("--inverse_atol", type=float, default=1e-5)
@@ -574,7 +707,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     presets = [p for item in (args.preset or ["bench_cifar_small"]) for p in item.split(",") if p]
     phases = [p for p in args.phases.split(",") if p]
-    unknown = set(phases) - set(PHASES)
+    unknown = set(phases) - set(_PHASE_FNS)
     if unknown:
         raise SystemExit(f"Unknown phases {sorted(unknown)}; choose from {PHASES}.")
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:

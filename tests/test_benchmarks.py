@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from benchmarks import run
 
-TINY = {"blocks": [1, 1, 1], "hidden_channels": 8, "power_iterations": 1}
+TINY = {"blocks": [1, 1, 1], "hidden_channels": 4, "power_iterations": 1}
 
 
 def _tiny(**kwargs):
@@ -23,9 +23,8 @@ def _positive(value):
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-@pytest.mark.parametrize("xla", [False, True])
-def test_every_phase_in_process(xla):
-    cfg = _tiny(xla=xla)
+def test_every_phase_in_process():
+    cfg = _tiny()
     record = {}
     for phase in run.PHASES:
         record.update(run.run_phase(phase, cfg))
@@ -39,13 +38,18 @@ def test_every_phase_in_process(xla):
         assert inv["converged"] and inv["iterations_max"] >= 1
         assert 0.0 <= inv["inverse_max_err"] < 1e-4
     assert record["eval_estimator"]["mode"] == "train"
+    # The fused step does the Trainer's computations: same loss after the same updates.
+    fused = run.run_phase("train", _tiny(train_step="fused"))
+    np.testing.assert_allclose(fused["train_loss_bpd"], record["train_loss_bpd"], rtol=1e-4)
 
 
-def test_fused_train_step_matches_trainer_loss():
-    a = run.run_phase("train", _tiny(train_step="trainer"))
-    b = run.run_phase("train", _tiny(train_step="fused"))
-    # Same seeds, same step sequence: the same loss after the same number of updates.
-    np.testing.assert_allclose(a["train_loss_bpd"], b["train_loss_bpd"], rtol=1e-4)
+def test_inverse_under_xla():
+    # Under XLA the inverse cannot print warnings; convergence comes from the solver stats.
+    record = run.run_phase("inverse", _tiny(xla=True))
+    for solver in run.SOLVERS:
+        assert record["inverse"][solver]["converged"]
+        assert _positive(record["inverse"][solver]["inverse_s"])
+        assert record["inverse"][solver]["inverse_max_err"] < 1e-4
 
 
 def test_main_prints_one_json_record_per_preset(tmp_path, capsys):
@@ -75,7 +79,7 @@ def test_sweep_outputs(tmp_path):
             for v in values:
                 rows.append({"preset": "p", "xla": True, "axis": axis, "value": v,
                              "gradient": g, "batch_size": 64, "train_step_s": 0.1 * v,
-                             "train_img_per_s": 640 / v, "peak_rss_gb": 1 + 0.01 * v,
+                             "train_img_per_s": 640 / v, "train_cpu_s_per_step": 0.2 * v, "peak_rss_gb": 1 + 0.01 * v,
                              "rss_before_gb": 0.8})
     png = tmp_path / "sweep.png"
     run.sweep_png(rows, str(png))

@@ -84,11 +84,14 @@ def test_end_to_end_then_resume_and_export(tmp_path, capsys):
 def test_two_replicas(tmp_path):
     assert len(tf.config.list_logical_devices("CPU")) == 2  # tests/conftest.py
     cfg = _config(tmp_path, strategy="mirrored", train_steps=4, eval_every=0,
-                  checkpoint_every=0)
+                  checkpoint_every=0, export_dir=str(tmp_path / "export"))
     results = train_classifier(cfg)
     assert results["num_replicas"] == 2 and results["step"] == 4
     assert np.isfinite(results["loss"]) and 0.0 <= results["test_accuracy"] <= 1.0
     assert tf.train.latest_checkpoint(cfg.model_dir).endswith("ckpt-4")
+    loaded = tf.saved_model.load(cfg.export_dir)  # exported from mirrored variables
+    x = tf.random.stateless_uniform([3, 8, 8, 1], seed=[3, 4])
+    np.testing.assert_allclose(loaded.reconstruct(x).numpy(), x.numpy(), atol=1e-4)
 
 
 def test_hybrid_run(tmp_path):

@@ -78,24 +78,6 @@ __all__ = [
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-class _InitializedActNorm(ActNorm):
-    """`ActNorm` view of an already initialized state: reads it, never builds the initialization.
-
-    The core view's forward pass goes through `ActNormState.parameters_for`, whose ``tf.cond``
-    holds the initializing assignments; traced inside ``strategy.run`` under a
-    `MirroredStrategy`, those assignments fail (``merge_call`` inside control flow) even though
-    the branch would never run. Once the state is initialized, reading it is all a forward pass
-    needs. The inverse is the core view's (it never initializes).
-    """
-
-    def _forward(self, x):
-        self._check(x)
-        return (x + self.state.loc) * tf.exp(self.state.log_scale)
-
-    def _forward_log_det_jacobian(self, x):
-        self._check(x)
-        return self._ldj(tf.convert_to_tensor(self.state.log_scale), tf.shape(x))
-
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
@@ -248,7 +230,7 @@ class IResNetClassifier(keras.Model):
     from tf_iresnet import presets
     model = presets.build("digits_classifier")
     logits = model(x)                          # x: float32 [B, 8, 8, 1] in [0, 1]
-    z = model.features(x)                      # [B, 2, 2, 64]
+    z = model.features(x)                      # [B, 2, 2, 128]
     x_again = model.invert(z)                  # fixed-point inverse, tolerance 1e-5 per block
     ```
 
@@ -320,7 +302,8 @@ class IResNetClassifier(keras.Model):
         A no-op once initialized (e.g. after restoring a checkpoint). Call it before
         distributed training, outside ``strategy.run`` and with the same batch on every worker:
         the in-graph initialization of a first forward pass cannot assign mirrored variables
-        from replica context (``merge_call`` inside ``tf.cond``).
+        from replica context (``merge_call`` inside ``tf.cond``), and the views of an
+        initialized model leave it out (``ActNorm(data_init=False)``).
         """
         if self.initialized:
             return False
@@ -339,33 +322,37 @@ class IResNetClassifier(keras.Model):
           training: run the spectral norms' power iteration in the blocks' forward passes.
           logdet: block log-det estimator ("none", "series", "unbiased" or "exact").
           n_terms: series terms.
-          seed: None, or an int32 shape-[2] tensor from which each block's probe seed is derived
-            (``[seed[0], seed[1] + block index]``), e.g. ``[step, 0]``: equal on every replica.
+          seed: None (fresh randomness), or a shape-[2] int tensor split into one stateless
+            seed per block, e.g. ``[run seed, step]``: the same on every replica.
           inverse_on_failure: "raise" or "warn" when a block's inverse misses its tolerance.
           inverse_atol, inverse_rtol, inverse_max_iter: override the config's inverse tolerance
             and budget (e.g. tighter for export).
         """
         cfg = self.config
-        with tf.init_scope():  # the variables' current values, also while tracing
-            actnorm = _InitializedActNorm if self.initialized else ActNorm
+        # Once initialized (checked on the variables' values, also while tracing), the views
+        # leave out the initialization, which cannot run inside `strategy.run`.
+        with tf.init_scope():
+            data_init = not self.initialized
         views = [centering()]
         if cfg.pad_channels:
             # Initialized from data, an ActNorm would give the all-zero padding channels the
-            # scale 1/eps (1e6), and their shift an effective learning rate 1e12 times larger;
-            # so the first block's ActNorm normalizes the data channels before the padding.
+            # scale 1/eps (1e6), which also multiplies the gradient of their shift; so the
+            # first block's ActNorm normalizes the data channels before the padding.
             if cfg.actnorm:
-                views.append(actnorm(self.actnorm_0, name="actnorm_0"))
+                views.append(ActNorm(self.actnorm_0, data_init=data_init, name="actnorm_0"))
             views.append(ZeroChannelPad(cfg.pad_channels))
-        states = self.actnorm_states
-        for i, branch in enumerate(self.branches):
+        states, branches = self.actnorm_states, self.branches
+        block_seeds = (None if seed is None else
+                       tf.random.experimental.stateless_split(seed, num=len(branches)))
+        for i, branch in enumerate(branches):
             if self._squeeze_first[i]:
                 views.append(Squeeze())
             if cfg.actnorm and not (i == 0 and cfg.pad_channels):
-                views.append(actnorm(states[i], name=f"actnorm_{i}"))
-            block_seed = None if seed is None else seed + tf.constant([0, i], seed.dtype)
+                views.append(ActNorm(states[i], data_init=data_init, name=f"actnorm_{i}"))
             views.append(InvertibleResidualBlock(
                 branch, event_ndims=3, logdet=logdet, n_terms=n_terms, training=training,
-                seed=block_seed, inverse_atol=inverse_atol or cfg.inverse_atol,
+                seed=None if seed is None else block_seeds[i],
+                inverse_atol=inverse_atol or cfg.inverse_atol,
                 inverse_rtol=inverse_rtol or cfg.inverse_rtol,
                 inverse_max_iter=inverse_max_iter or cfg.inverse_max_iter,
                 inverse_on_failure=inverse_on_failure,
@@ -475,7 +462,7 @@ def classifier_objective(model: IResNetClassifier, images: tf.Tensor, labels: tf
       images: float32 ``[B, *input_shape]`` in [0, 1] (dequantized for hybrid models).
       labels: int ``[B]``.
       training: training mode (power iterations, BatchNorm batch statistics).
-      seed: int32 shape-[2] tensor keying the log-det probes (e.g. ``[step, 0]``).
+      seed: shape-[2] int tensor keying the log-det probes (e.g. ``[run seed, step]``).
 
     Returns:
       ``(loss, metrics)``: scalar loss and a dict with ``xent``, ``accuracy`` and, for hybrid

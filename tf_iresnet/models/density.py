@@ -128,22 +128,21 @@ class IResNetFlow(keras.Model):
     def __init__(self, config: DensityConfig, **kwargs):
         super().__init__(**kwargs)
         self.config = config
-        self.branches = []
-        self.actnorms = []
+        branches, actnorms = [], []
         self._plan = []  # per scale: list of ("squeeze",) / ("block", index)
         c = config
         if c.kind == "dense":
             dim = c.input_shape[0]
             scale = []
             for _ in range(c.blocks[0]):
-                scale.append(("block", len(self.branches)))
+                scale.append(("block", len(branches)))
                 if c.actnorm:
-                    self.actnorms.append(ActNormState(name=f"actnorm_{len(self.actnorms)}"))
-                    self.actnorms[-1].build((None, dim))
-                self.branches.append(dense_branch(
+                    actnorms.append(ActNormState(name=f"actnorm_{len(actnorms)}"))
+                    actnorms[-1].build((None, dim))
+                branches.append(dense_branch(
                     dim, (c.hidden_channels,) * c.dense_hidden_layers, coeff=c.coeff,
                     power_iterations=c.power_iterations, activation=c.activation,
-                    name=f"branch_{len(self.branches)}"))
+                    name=f"branch_{len(branches)}"))
             self._plan.append(scale)
         else:
             h, w, ch = c.input_shape
@@ -156,18 +155,26 @@ class IResNetFlow(keras.Model):
                     h, w, ch = h // 2, w // 2, ch * 4
                     scale.append(("squeeze",))
                 for b in range(n_blocks):
-                    scale.append(("block", len(self.branches)))
+                    scale.append(("block", len(branches)))
                     if c.actnorm:
-                        self.actnorms.append(ActNormState(name=f"actnorm_{len(self.actnorms)}"))
-                        self.actnorms[-1].build((None, h, w, ch))
-                    self.branches.append(conv_branch(
+                        actnorms.append(ActNormState(name=f"actnorm_{len(actnorms)}"))
+                        actnorms[-1].build((None, h, w, ch))
+                    branches.append(conv_branch(
                         (h, w, ch), c.hidden_channels, coeff=c.coeff,
                         power_iterations=c.power_iterations, kernel_size=c.kernel_size,
                         activation=c.activation, leading_activation=not (s == 0 and b == 0),
-                        name=f"branch_{len(self.branches)}"))
+                        name=f"branch_{len(branches)}"))
                 self._plan.append(scale)
                 if c.factor_out and s < len(c.blocks) - 1:
                     ch = ch - ch // 2
+        # Sublayers are attributes, not list items: tf.train.Checkpoint follows attributes of a
+        # Keras 3 model but not layers held in Python lists (their non-trainable state, ActNorm's
+        # flag and the power-iteration vectors, would be lost).
+        self._num_blocks = len(branches)
+        for i, branch in enumerate(branches):
+            setattr(self, f"branch_{i}", branch)
+        for i, state in enumerate(actnorms):
+            setattr(self, f"actnorm_{i}", state)
         dim = c.event_size
         trainable_prior = c.prior == "learned"
         self.prior_loc = self.add_weight(name="prior_loc", shape=(dim,), initializer="zeros",
@@ -175,6 +182,18 @@ class IResNetFlow(keras.Model):
         self.prior_log_scale = self.add_weight(name="prior_log_scale", shape=(dim,),
                                                initializer="zeros", trainable=trainable_prior)
         self.built = True  # every weight exists now; no input is needed to build
+
+    @property
+    def branches(self) -> list[keras.Sequential]:
+        """The residual branches g, in data-to-latent order."""
+        return [getattr(self, f"branch_{i}") for i in range(self._num_blocks)]
+
+    @property
+    def actnorms(self) -> list[ActNormState]:
+        """The ActNorm states, one per block (empty without ActNorm)."""
+        if not self.config.actnorm:
+            return []
+        return [getattr(self, f"actnorm_{i}") for i in range(self._num_blocks)]
 
     def get_config(self):
         return {"config": dataclasses.asdict(self.config), "name": self.name}
