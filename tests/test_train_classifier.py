@@ -13,9 +13,9 @@ import tensorflow as tf
 from absl import flags
 
 from tf_iresnet import presets
+from tf_iresnet.tasks.classifier import ClassifierTrainConfig, schedule_steps, train_classifier
 from tf_iresnet.training import read_config
 from train import classifier
-from train.classifier import ClassifierTrainConfig, schedule_steps, train_classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

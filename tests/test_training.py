@@ -208,6 +208,25 @@ def test_make_strategy_by_name():
     assert is_chief(mirrored) and is_chief(make_strategy("default"))
 
 
+def test_successive_mirrored_strategies_do_not_share_collectives():
+    # Two plain MirroredStrategy objects in one process reuse collective keys: the second one's
+    # first all-reduce pairs with the first one's and aborts ("Shape mismatch in the
+    # collective instance 100"). make_strategy keeps each strategy's keys apart.
+    for size in (3, 7, 5):
+        strategy = make_strategy("mirrored")
+
+        @tf.function
+        def step(strategy=strategy, size=size):
+            def replica_fn():
+                ctx = tf.distribute.get_replica_context()
+                value = tf.fill([size], tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32))
+                return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+            return strategy.run(replica_fn)
+
+        for replica_value in strategy.experimental_local_results(step()):
+            np.testing.assert_array_equal(replica_value.numpy(), np.full([size], 3.0))
+
+
 def test_make_strategy_rejects_unknown_name():
     with pytest.raises(ValueError, match="one_device, mirrored, multi_worker_mirrored"):
         make_strategy("tpu")

@@ -5,15 +5,13 @@ r"""Trains an i-ResNet classifier (or hybrid classifier + density model) and exp
     python -m train.classifier --preset=cifar10_classifier_paper --dataset=cifar10 \
         --strategy=mirrored                                      # the paper's script, 200 epochs
 
-Flags are defined by `define_flags` (when run as a program, not on import), read only by
-`config_from_flags` and resolved into a `ClassifierTrainConfig` (written to
-``model_dir/config.json``); `train_classifier(config)` does the rest with the shared machinery
-of `tf_iresnet.training`: the chosen `tf.distribute` strategy, the custom loop with checkpoints
-and resumption, TensorBoard logs (``model_dir/train``: loss, cross-entropy, accuracy, learning
-rate; ``model_dir/eval``: test accuracy and loss, per-layer Lipschitz estimates, the
-reconstruction error of ``invert(features(x))``, images of inputs and reconstructions), test
-evaluation every ``--eval_every`` steps and at the end, then the spectral norms are converged
-and the model is exported (`tf_iresnet.export.classifier`).
+Flags (the shared ones from `train.flags`) are defined by `define_flags` at import, read only
+by `config_from_flags` and resolved into a `ClassifierTrainConfig` (written to
+``model_dir/config.json``) with the per-dataset defaults and the paper's schedule;
+`tf_iresnet.tasks.classifier.train_classifier(config)` does the rest: the chosen
+`tf.distribute` strategy, the custom loop with checkpoints and resumption, TensorBoard logs,
+test evaluation every ``--eval_every`` steps and at the end, then the spectral norms are
+converged and the model is exported.
 
 Optimization follows the official script: SGD with momentum 0.9, weight decay 5e-4 (as an L2
 term in the loss, PyTorch's ``weight_decay``), a linear warm-up over the first 5% of the steps
@@ -25,276 +23,19 @@ uniformly dequantized images and minimise ``cross-entropy + hybrid_weight * bits
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
+from absl import app, flags
 
-import keras
-import tensorflow as tf
-from absl import app, flags, logging
-
-from tf_iresnet import datasets, presets
-from tf_iresnet.export.classifier import export_classifier
-from tf_iresnet.models.classifier import (
-    ClassifierConfig,
-    build_classifier_model,
-    classifier_objective,
+from tf_iresnet.tasks.classifier import (
+    AUGMENTED_DATASETS,
+    DATASET_DEFAULTS,
+    ClassifierTrainConfig,
+    classifier_datasets,
+    resolve_model_config,
+    schedule_steps,
+    train_classifier,
 )
-from tf_iresnet.spectral_norm import converge_spectral_norms, lipschitz_report
-from tf_iresnet.training import (
-    STRATEGY_NAMES,
-    Trainer,
-    WarmupSchedule,
-    image_summary,
-    make_strategy,
-    summaries,
-)
-
-# --- the run configuration ---------------------------------------------------------------------
-
-# Schedule as fractions of the run (exactly the paper's epochs 10 / 60, 120, 160 of 200).
-WARMUP_FRACTION = 0.05
-DECAY_FRACTIONS = (0.3, 0.6, 0.8)
-DECAY_FACTOR = 0.2
-
-# Per dataset: (batch size, epochs, learning rate, eval/checkpoint interval in steps).
-_DEFAULTS = {
-    "digits": (64, 30, 0.05, 200),
-    "mnist": (128, 200, 0.1, 2000),
-    "fashion_mnist": (128, 200, 0.1, 2000),
-    "cifar10": (128, 200, 0.1, 2000),
-    "cifar100": (128, 200, 0.1, 2000),
-    "svhn_cropped": (128, 200, 0.1, 2000),
-}
-_AUGMENTED = ("cifar10", "cifar100")
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassifierTrainConfig:
-    """Everything a classifier run needs (written to ``model_dir/config.json``).
-
-    Attributes:
-      dataset: a labelled image dataset of `tf_iresnet.datasets`.
-      preset: a classifier preset of `tf_iresnet.presets`.
-      model: the resolved model config (the preset with the run's overrides).
-      model_dir: checkpoints, config.json, results.json and TensorBoard logs.
-      export_dir: SavedModel destination ('' skips the export).
-      batch_size: global batch size (split over the replicas).
-      train_steps: optimizer steps in total (a resumed run continues up to it).
-      learning_rate: peak SGD learning rate, reached at the end of the warm-up.
-      momentum: SGD momentum.
-      weight_decay: L2 coefficient ``wd``: ``0.5 * wd * ||w||^2`` over all trainable weights
-        is added to the loss (PyTorch SGD's ``weight_decay``, the official script's).
-      warmup_steps: linear warm-up length.
-      decay_steps: steps from which the rate is multiplied by one more ``decay_factor``.
-      decay_factor: the step decay factor.
-      augment: pad-crop-flip augmentation (CIFAR only).
-      strategy: `tf_iresnet.training.make_strategy` name.
-      seed: seeds initialization, data order, dequantization noise and log-det probes.
-      eval_every, checkpoint_every, log_every: intervals in steps (0: only at the end).
-      num_images: images in the TensorBoard input / reconstruction grids.
-      jit_compile: XLA-compile the forward and backward pass.
-    """
-
-    dataset: str
-    preset: str
-    model: ClassifierConfig
-    model_dir: str
-    export_dir: str = ""
-    batch_size: int = 64
-    train_steps: int = 1000
-    learning_rate: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_steps: int = 0
-    decay_steps: tuple[int, ...] = ()
-    decay_factor: float = DECAY_FACTOR
-    augment: bool = False
-    strategy: str = "auto"
-    seed: int = 0
-    eval_every: int = 0
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    num_images: int = 64
-    jit_compile: bool = False
-
-
-def schedule_steps(train_steps: int) -> tuple[int, tuple[int, ...]]:
-    """``(warmup_steps, decay_steps)`` of a run of ``train_steps`` steps."""
-    warmup = int(round(WARMUP_FRACTION * train_steps))
-    decays = sorted({max(warmup, int(round(f * train_steps))) for f in DECAY_FRACTIONS})
-    return warmup, tuple(d for d in decays if 0 < d < train_steps)
-
-
-def resolve_model_config(preset: str, dataset: str, overrides: dict) -> ClassifierConfig:
-    """The preset's config with ``overrides``, checked against the dataset.
-
-    Raises:
-      ValueError: not a classifier preset, or a preset for images of another shape or another
-        number of classes than the dataset's.
-    """
-    base = presets.config(preset)
-    if not isinstance(base, ClassifierConfig):
-        raise ValueError(f"Preset {preset!r} is not a classifier preset; classifier presets: "
-                         f"{', '.join(classifier_presets())}.")
-    cfg = dataclasses.replace(base, **overrides)
-    spec = datasets.spec(dataset)
-    if spec.num_classes is None or spec.kind != "image":
-        raise ValueError(f"Dataset {dataset!r} has no class labels to train a classifier on.")
-    if tuple(spec.shape) != tuple(cfg.input_shape) or spec.num_classes != cfg.num_classes:
-        raise ValueError(
-            f"Dataset {dataset!r} has {spec.num_classes} classes of images of shape "
-            f"{tuple(spec.shape)}, but preset {preset!r} expects {cfg.num_classes} classes of "
-            f"{tuple(cfg.input_shape)}: pick a matching --preset (digits_classifier or "
-            "digits_hybrid for digits, mnist_classifier_paper for mnist, "
-            "cifar10_classifier_paper for cifar10, cifar100_classifier_paper for cifar100).")
-    if spec.num_levels != cfg.num_levels:
-        cfg = dataclasses.replace(cfg, num_levels=spec.num_levels)
-    return cfg
-
-
-def classifier_presets() -> list[str]:
-    return [n for n in presets.names() if presets.kind(n) == "classifier"]
-
-
-def classifier_datasets() -> list[str]:
-    return [n for n in datasets.names()
-            if datasets.spec(n).kind == "image" and datasets.spec(n).num_classes]
-
-
-# --- training ----------------------------------------------------------------------------------
-
-
-def _step_seed(seed: int, step):
-    return tf.stack([tf.constant(seed, tf.int32), tf.cast(step, tf.int32)])
-
-
-def make_train_step(cfg: ClassifierTrainConfig):
-    """The per-replica step: the batch's mean objective plus the L2 term."""
-    def train_step(model, batch, step):
-        images, labels = batch
-        loss, metrics = classifier_objective(model, images, labels, training=True,
-                                             seed=_step_seed(cfg.seed, step))
-        if cfg.weight_decay:
-            l2 = tf.add_n([tf.reduce_sum(tf.square(v)) for v in model.trainable_variables])
-            loss = loss + 0.5 * cfg.weight_decay * l2
-        return loss, metrics
-
-    return train_step
-
-
-class Evaluator:
-    """Test-split evaluation and the TensorBoard diagnostics, run on the chief.
-
-    Returns (and the loop logs under ``model_dir/eval``) ``accuracy``, ``loss``, ``xent``,
-    ``bits_per_dim`` (hybrid), ``reconstruction_max_abs_error`` of ``invert(features(x))`` on
-    the first ``num_images`` test images, ``lipschitz_layer_max`` and ``lipschitz_block_max``;
-    writes the per-layer Lipschitz estimates (``lipschitz/<layer>``), their products per
-    residual branch (``lipschitz_block/<block>``) and the input and reconstruction grids.
-    """
-
-    def __init__(self, model, cfg: ClassifierTrainConfig):
-        self.model = model
-        self.cfg = cfg
-        self.test = datasets.load(
-            cfg.dataset, "test", batch_size=256, shuffle=False, repeat=False,
-            drop_remainder=False, dequantize=cfg.model.hybrid, with_labels=True,
-            seed=cfg.seed + 1)
-        eval_seed = tf.constant([cfg.seed, -1], tf.int32)
-
-        def evaluate(images, labels):
-            _, metrics = classifier_objective(model, images, labels, training=False,
-                                              seed=eval_seed)
-            return metrics
-
-        def reconstruct(images):
-            return model.invert(model.features(images), on_failure="warn")
-
-        self._evaluate = tf.function(evaluate, reduce_retracing=True)
-        self._reconstruct = tf.function(reconstruct, reduce_retracing=True)
-
-    def __call__(self, step: int) -> dict[str, float]:
-        sums, count, first = {}, 0, None
-        for images, labels in self.test:
-            n = int(images.shape[0])
-            for name, value in self._evaluate(images, labels).items():
-                sums[name] = sums.get(name, 0.0) + float(value) * n
-            count += n
-            if first is None:
-                first = images[: self.cfg.num_images]
-        results = {name: total / count for name, total in sums.items()}
-        results["loss"] = results["xent"] + self.cfg.model.hybrid_weight * results.get(
-            "bits_per_dim", 0.0)
-        rec = self._reconstruct(first)
-        results["reconstruction_max_abs_error"] = float(tf.reduce_max(tf.abs(rec - first)))
-        report = lipschitz_report(self.model, upper_bounds=False)
-        for entry in report["layers"]:
-            summaries.scalar(f"lipschitz/{entry['name']}", entry["estimate"], step=step)
-        for entry in report["blocks"]:  # products over each residual branch g
-            summaries.scalar(f"lipschitz_block/{entry['name']}", entry["estimate"], step=step)
-        results["lipschitz_layer_max"] = max(e["estimate"] for e in report["layers"])
-        results["lipschitz_block_max"] = max(e["estimate"] for e in report["blocks"])
-        image_summary("images/inputs", first, step)
-        image_summary("images/reconstructions", tf.clip_by_value(rec, 0.0, 1.0), step)
-        return results
-
-
-def train_classifier(cfg: ClassifierTrainConfig) -> dict:
-    """Trains, evaluates, converges the spectral norms and exports; returns the results.
-
-    Returns:
-      The loop's last logs, ``test_accuracy`` (and ``test_bits_per_dim`` for hybrid models)
-      of the final, converged model, ``reconstruction_max_abs_error``, the parameter count and
-      ``export_dir`` when exported. Also written to ``model_dir/results.json`` by the chief.
-    """
-    strategy = make_strategy(cfg.strategy)  # first: multi-worker needs it before any op
-    keras.utils.set_random_seed(cfg.seed)
-    if cfg.batch_size % strategy.num_replicas_in_sync:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the "
-                         f"{strategy.num_replicas_in_sync} replicas.")
-    with strategy.scope():
-        model = build_classifier_model(cfg.model, name=cfg.preset)
-        optimizer = keras.optimizers.SGD(
-            WarmupSchedule(cfg.learning_rate, cfg.warmup_steps, boundaries=cfg.decay_steps,
-                           factor=cfg.decay_factor),
-            momentum=cfg.momentum)
-    train = datasets.load(
-        cfg.dataset, "train", batch_size=cfg.batch_size, seed=cfg.seed, with_labels=True,
-        augment=cfg.augment, dequantize=cfg.model.hybrid)
-    evaluator = Evaluator(model, cfg)
-    trainer = Trainer(
-        strategy=strategy, model=model, optimizer=optimizer,
-        train_step_fn=make_train_step(cfg), model_dir=cfg.model_dir,
-        total_steps=cfg.train_steps, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, eval_fn=evaluator,
-        jit_compile=cfg.jit_compile, config=cfg)
-    trainer.restore()
-    if not model.initialized:  # a fresh run: ActNorm's data-dependent initialization
-        model.initialize(next(iter(train))[0])  # the same batch on every worker
-    results = trainer.train(train)
-    results["num_replicas"] = strategy.num_replicas_in_sync
-    if not trainer.is_chief:
-        return results
-    # The exported model is the converged one: evaluate that one for the final figures.
-    converge_spectral_norms(model)
-    final = evaluator(trainer.step)
-    results.update({f"final/{k}": v for k, v in final.items()})
-    results["test_accuracy"] = final["accuracy"]
-    if cfg.model.hybrid:
-        results["test_bits_per_dim"] = final["bits_per_dim"]
-    results["reconstruction_max_abs_error"] = final["reconstruction_max_abs_error"]
-    results["trainable_parameters"] = model.num_trainable_parameters
-    results["step"] = trainer.step
-    if cfg.export_dir:
-        export_classifier(model, cfg.export_dir, converge=False)
-        results["export_dir"] = cfg.export_dir
-        logging.info("Exported SavedModel to %s", cfg.export_dir)
-    with open(os.path.join(cfg.model_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-    return results
-
-
-# --- flags ---------------------------------------------------------------------------------
+from tf_iresnet.tasks.common import run_dirs, steps_for_epochs
+from train.flags import define_common_flags
 
 _MODEL_FLAGS = ("coeff", "power_iterations", "hybrid_weight")
 
@@ -302,92 +43,75 @@ _MODEL_FLAGS = ("coeff", "power_iterations", "hybrid_weight")
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     """Defines the binary's flags and their validators in ``fv``.
 
-    Called by ``python -m train.classifier`` only (not at import), so that importing this
-    module next to another binary's flags cannot clash; tests pass their own `FlagValues`.
+    Called at import on `flags.FLAGS` (so this module cannot share a process with another
+    binary's flags); tests pass their own `FlagValues`.
     """
-    f = dict(flag_values=fv)
-    flags.DEFINE_enum("dataset", "digits", classifier_datasets(), "Labelled training data.", **f)
-    flags.DEFINE_enum("preset", "digits_classifier", classifier_presets(), "Model preset.", **f)
-    flags.DEFINE_string("model_dir", None, "Run directory (default runs/<preset>_<dataset>).",
-                        **f)
-    flags.DEFINE_string("export_dir", None, "SavedModel destination (default "
-                        "saved_models/<preset>; '' skips the export).", **f)
-    flags.DEFINE_integer("batch_size", None,
-                         "Global batch size (default: 64 for digits, else 128).",
-                         lower_bound=1, **f)
-    flags.DEFINE_integer("train_steps", None, "Optimizer steps (or give --epochs).",
-                         lower_bound=1, **f)
-    flags.DEFINE_float("epochs", None,
-                       "Passes over the training split (default: 30 for digits, else 200).", **f)
-    flags.DEFINE_enum("strategy", "auto", list(STRATEGY_NAMES), "tf.distribute strategy.", **f)
-    flags.DEFINE_integer("seed", 0, "Random seed.", **f)
+    # Before the common flags: their dataset/preset check also sees --hybrid_weight.
     flags.DEFINE_float("lr", None, "Peak SGD learning rate (default: 0.05 for digits, else "
-                       "the paper's 0.1).", **f)
+                       "the paper's 0.1).", flag_values=fv)
     flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay (the paper's 5e-4).",
-                       lower_bound=0.0, **f)
-    flags.DEFINE_float("coeff", None,
-                       "Spectral-norm coefficient in (0, 1) (default: the preset's, 0.9).", **f)
-    flags.DEFINE_integer("power_iterations", None,
-                         "Power iterations per training step (default: the preset's, 1).",
-                         lower_bound=0, **f)
+                       lower_bound=0.0, flag_values=fv)
     flags.DEFINE_float("hybrid_weight", None,
                        "Weight of bits/dim in the loss; > 0 trains a hybrid model (default: "
                        "the preset's; needs an unpadded preset such as digits_hybrid).",
-                       lower_bound=0.0, **f)
-    flags.DEFINE_integer("eval_every", None, "Steps between test evaluations (0: only at the "
-                         "end; default: 200 for digits, else 2000).", lower_bound=0, **f)
-    flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints (0: only at the "
-                         "end; default: as --eval_every).", lower_bound=0, **f)
-    flags.DEFINE_integer("log_every", 10, "Steps between TensorBoard/progress-bar updates.",
-                         lower_bound=1, **f)
-    flags.DEFINE_boolean("jit_compile", False,
-                         "XLA-compile the forward and backward pass (slower for the digits "
-                         "models on CPU).", **f)
-
-    flags.register_validator(
-        "coeff", lambda c: c is None or 0.0 < c < 1.0, flag_values=fv,
-        message="--coeff must be in the open interval (0, 1): the residual branches must be "
-                "contractive to be invertible.")
+                       lower_bound=0.0, flag_values=fv)
+    define_common_flags(
+        task="classifier", default_preset="digits_classifier", default_dataset="digits",
+        dataset_names=classifier_datasets(), batch_size=None, eval_every=None,
+        checkpoint_every=None, log_every=10, jit_compile=False,
+        helps={
+            "dataset": "Labelled training data.",
+            "export_dir": "SavedModel destination (default saved_models/<preset>; '' skips the "
+                          "export).",
+            "batch_size": "Global batch size (default: 64 for digits, else 128).",
+            "train_steps": "Optimizer steps (or give --epochs).",
+            "epochs": "Passes over the training split (default: 30 for digits, else 200).",
+            "coeff": "Spectral-norm coefficient in (0, 1) (default: the preset's, 0.9).",
+            "power_iterations": "Power iterations per training step (default: the preset's, "
+                                "1).",
+            "eval_every": "Steps between test evaluations (0: only at the end; default: 200 "
+                          "for digits, else 2000).",
+            "checkpoint_every": "Steps between checkpoints (0: only at the end; default: as "
+                                "--eval_every).",
+            "log_every": "Steps between TensorBoard/progress-bar updates.",
+            "jit_compile": "XLA-compile the forward and backward pass (slower for the digits "
+                           "models on CPU).",
+        },
+        lower_bounds={"train_steps": 1, "epochs": None},
+        coeff_message="--coeff must be in the open interval (0, 1): the residual branches "
+                      "must be contractive to be invertible.",
+        check_compatible=_check_model_flags,
+        compatible_flags=("preset", "dataset", *_MODEL_FLAGS),
+        flag_values=fv)
     flags.register_validator("lr", lambda v: v is None or v > 0.0, flag_values=fv,
                              message="--lr must be > 0.")
     flags.register_validator("epochs", lambda v: v is None or v > 0.0, flag_values=fv,
                              message="--epochs must be > 0.")
-    flags.register_multi_flags_validator(
-        ["train_steps", "epochs"], lambda v: v["train_steps"] is None or v["epochs"] is None,
-        message="Give --train_steps or --epochs, not both.", flag_values=fv)
-    flags.register_multi_flags_validator(
-        ["preset", "dataset", *_MODEL_FLAGS], _check_model_flags, flag_values=fv)
 
 
-def _check_model_flags(values: dict) -> bool:
+def _check_model_flags(values: dict) -> None:
     overrides = {k: values[k] for k in _MODEL_FLAGS if values[k] is not None}
-    try:
-        resolve_model_config(values["preset"], values["dataset"], overrides)
-    except ValueError as e:
-        raise flags.ValidationError(str(e)) from None
-    return True
+    resolve_model_config(values["preset"], values["dataset"], overrides)  # ValueError
 
 
 def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ClassifierTrainConfig:
     """Resolves parsed flags into a `ClassifierTrainConfig` (dataset defaults filled in)."""
-    batch, epochs, lr, interval = _DEFAULTS[fv.dataset]
+    batch, epochs, lr, interval = DATASET_DEFAULTS[fv.dataset]
     batch = fv.batch_size or batch
     train_steps = fv.train_steps
     if train_steps is None:
-        size = datasets.num_examples(fv.dataset, "train")
-        train_steps = max(1, round((fv.epochs or epochs) * size / batch))
+        train_steps = steps_for_epochs(fv.dataset, fv.epochs or epochs, batch)
     warmup, decays = schedule_steps(train_steps)
     overrides = {k: fv[k].value for k in _MODEL_FLAGS if fv[k].value is not None}
     eval_every = interval if fv.eval_every is None else fv.eval_every
+    model_dir, export_dir = run_dirs(fv.preset, fv.dataset, fv.model_dir, fv.export_dir)
     return ClassifierTrainConfig(
         dataset=fv.dataset, preset=fv.preset,
         model=resolve_model_config(fv.preset, fv.dataset, overrides),
-        model_dir=fv.model_dir or os.path.join("runs", f"{fv.preset}_{fv.dataset}"),
-        export_dir=(fv.export_dir if fv.export_dir is not None
-                    else os.path.join("saved_models", fv.preset)),
+        model_dir=model_dir, export_dir=export_dir,
         batch_size=batch, train_steps=train_steps, learning_rate=fv.lr or lr,
         weight_decay=fv.weight_decay, warmup_steps=warmup, decay_steps=decays,
-        augment=fv.dataset in _AUGMENTED, strategy=fv.strategy, seed=fv.seed,
+        augment=fv.dataset in AUGMENTED_DATASETS, strategy=fv.strategy, seed=fv.seed,
         eval_every=eval_every,
         checkpoint_every=eval_every if fv.checkpoint_every is None else fv.checkpoint_every,
         log_every=fv.log_every, jit_compile=fv.jit_compile)
@@ -407,6 +131,7 @@ def main(argv):
         print(f"SavedModel: {results['export_dir']}")
 
 
+define_flags()
+
 if __name__ == "__main__":
-    define_flags()
     app.run(main)

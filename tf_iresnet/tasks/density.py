@@ -9,7 +9,6 @@ interval, checkpoints and resumption, a sample grid and the SavedModel export.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 
@@ -18,20 +17,18 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_iresnet import datasets, presets
+from tf_iresnet import datasets
 from tf_iresnet.export.density import export_density_model
 from tf_iresnet.models.density import DensityConfig, IResNetFlow
 from tf_iresnet.spectral_norm import lipschitz_report, update_spectral_norms
+from tf_iresnet.tasks import common
+from tf_iresnet.tasks.common import OPTIMIZERS as OPTIMIZERS  # re-exported for train.density
 from tf_iresnet.training import (
-    Trainer,
     WarmupSchedule,
     image_summary,
-    make_strategy,
     save_image_grid,
     summaries,
 )
-
-OPTIMIZERS = ("adamax", "adam", "sgd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,37 +78,21 @@ class DensityTrainConfig:
 
 def model_config(cfg: DensityTrainConfig) -> DensityConfig:
     """The preset's model config with the run's overrides, checked against the dataset."""
-    base = presets.config(cfg.preset)
-    if not isinstance(base, DensityConfig):
-        raise ValueError(f"Preset {cfg.preset!r} is not a density model preset.")
-    model_cfg = dataclasses.replace(base, **cfg.model_overrides)
+    model_cfg = common.preset_config(cfg.preset, DensityConfig, cfg.model_overrides,
+                                     f"Preset {cfg.preset!r} is not a density model preset.")
     spec = datasets.spec(cfg.dataset)
     if tuple(spec.shape) != tuple(model_cfg.input_shape):
         raise ValueError(
             f"Dataset {cfg.dataset!r} has events of shape {tuple(spec.shape)} but preset "
             f"{cfg.preset!r} expects {tuple(model_cfg.input_shape)}; pick a matching "
             f"--preset (e.g. digits_density for digits, toy2d_density for 2-D sets).")
-    if spec.num_levels != model_cfg.num_levels:
-        model_cfg = dataclasses.replace(model_cfg, num_levels=spec.num_levels)
-    return model_cfg
+    return common.with_dataset_levels(model_cfg, cfg.dataset)
 
 
 def make_optimizer(cfg: DensityTrainConfig) -> keras.optimizers.Optimizer:
-    schedule = WarmupSchedule(cfg.learning_rate, cfg.warmup_steps)
-    kwargs = {"learning_rate": schedule}
-    if cfg.weight_decay:
-        kwargs["weight_decay"] = cfg.weight_decay
-    if cfg.optimizer == "adamax":
-        return keras.optimizers.Adamax(**kwargs)
-    if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(**kwargs)
-    if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(momentum=0.9, **kwargs)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}.")
-
-
-def _step_seed(seed: int, step) -> tf.Tensor:
-    return tf.stack([tf.constant(seed, tf.int32), tf.cast(step, tf.int32)])
+    return common.make_optimizer(cfg.optimizer, WarmupSchedule(cfg.learning_rate,
+                                                               cfg.warmup_steps),
+                                 weight_decay=cfg.weight_decay)
 
 
 def make_train_step(cfg: DensityTrainConfig):
@@ -122,7 +103,7 @@ def make_train_step(cfg: DensityTrainConfig):
         # Spectral-norm power iterations run after the update (power_iteration_step), so the
         # forward pass itself assigns no variables.
         log_pz, logdet = model.log_prob_parts(x, mode="train", training=False,
-                                              seed=_step_seed(cfg.seed, step), data_init=False)
+                                              seed=common.step_seed(cfg.seed, step), data_init=False)
         bpd = model.bits_per_dim(log_pz + logdet)
         d = float(model.config.event_size)
         return tf.reduce_mean(bpd), {
@@ -228,24 +209,18 @@ def train_density(cfg: DensityTrainConfig) -> dict[str, float]:
     Returns:
       The trainer's last logs plus ``test_bits_per_dim`` and ``export_dir``.
     """
-    strategy = make_strategy(cfg.strategy)
-    keras.utils.set_random_seed(cfg.seed)
+    strategy = common.start_run(cfg.strategy, cfg.seed, cfg.batch_size)
     model_cfg = model_config(cfg)
     spec = datasets.spec(cfg.dataset)
-    if cfg.batch_size % strategy.num_replicas_in_sync:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the "
-                         f"{strategy.num_replicas_in_sync} replicas.")
     with strategy.scope():
         model = IResNetFlow(model_cfg, name=cfg.preset)
         optimizer = make_optimizer(cfg)
     train = datasets.load(cfg.dataset, "train", batch_size=cfg.batch_size, seed=cfg.seed)
     evaluator = Evaluator(model, cfg)
-    trainer = Trainer(
-        strategy=strategy, model=model, optimizer=optimizer,
-        train_step_fn=make_train_step(cfg), model_dir=cfg.model_dir,
-        total_steps=cfg.train_steps, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, eval_fn=evaluator,
-        post_step_fn=power_iteration_step, jit_compile=cfg.jit_compile,
+    trainer = common.make_trainer(
+        cfg, strategy=strategy, model=model, optimizer=optimizer,
+        train_step_fn=make_train_step(cfg), eval_fn=evaluator,
+        post_step_fn=power_iteration_step,
         config={**dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)},
     )
     if trainer.restore() == 0:
@@ -275,6 +250,5 @@ def train_density(cfg: DensityTrainConfig) -> dict[str, float]:
             export_density_model(model, cfg.export_dir)
             results["export_dir"] = cfg.export_dir
             logging.info("Exported SavedModel to %s", cfg.export_dir)
-        with open(os.path.join(cfg.model_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
+        common.write_results(cfg.model_dir, results)
     return results

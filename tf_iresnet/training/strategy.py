@@ -93,6 +93,10 @@ def parse_tf_config(text: str | None) -> dict[str, Any]:
     return config
 
 
+# Keys one strategy may use before the next one's begin (TensorFlow's tests use the same stride).
+_COLLECTIVE_KEY_STRIDE = 100_000
+
+
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """Returns the distribution strategy called `name`.
 
@@ -125,16 +129,30 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
-        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+        return _mirrored([d.name for d in gpus]) if len(gpus) > 1 else tf.distribute.get_strategy()
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
     # name == "mirrored"
     if gpus:
-        return tf.distribute.MirroredStrategy([d.name for d in gpus])
+        return _mirrored([d.name for d in gpus])
     cpus = tf.config.list_logical_devices("CPU")
-    return tf.distribute.MirroredStrategy([d.name for d in cpus] or ["/cpu:0"])
+    return _mirrored([d.name for d in cpus] or ["/cpu:0"])
+
+
+def _mirrored(devices: list[str]) -> tf.distribute.MirroredStrategy:
+    """A `MirroredStrategy` over ``devices`` whose collective keys no earlier one has used.
+
+    The eager context caches collective groups and instances by key for the whole process, and
+    every `MirroredStrategy` numbers its keys from the same class-level base. A second strategy
+    over the same devices (a second run in one process, the next test) then pairs its first
+    all-reduce with the first strategy's and aborts with "Shape mismatch in the collective
+    instance ...". Moving the base for each new strategy, as TensorFlow's own strategy tests
+    do, keeps every strategy's keys apart.
+    """
+    tf.distribute.MirroredStrategy._collective_key_base += _COLLECTIVE_KEY_STRIDE
+    return tf.distribute.MirroredStrategy(devices)
 
 
 def task_info(strategy: tf.distribute.Strategy | None = None) -> tuple[str | None, int]:

@@ -1,0 +1,123 @@
+"""Pieces every task shares: run directories, epochs to steps, strategy set-up, optimizers.
+
+The binaries in `train/` use `run_dirs` and `steps_for_epochs` to resolve their flags into a
+task config; the tasks (`tf_iresnet.tasks.density`, `tf_iresnet.tasks.classifier`) use the
+rest. Nothing here reads flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from tf_iresnet import datasets, presets
+from tf_iresnet.training import Trainer, make_strategy
+
+OPTIMIZERS = ("adamax", "adam", "sgd")
+
+
+def run_dirs(preset: str, dataset: str, model_dir: str | None = None,
+             export_dir: str | None = None) -> tuple[str, str]:
+    """``(model_dir, export_dir)`` with the defaults filled in.
+
+    Args:
+      preset, dataset: the run's preset and dataset names.
+      model_dir: the run directory; empty or None for ``runs/<preset>_<dataset>``.
+      export_dir: the SavedModel destination; None for ``saved_models/<preset>`` ('' stays
+        '': no export).
+    """
+    model_dir = model_dir or os.path.join("runs", f"{preset}_{dataset}")
+    export_dir = export_dir if export_dir is not None else os.path.join("saved_models", preset)
+    return model_dir, export_dir
+
+
+def steps_for_epochs(dataset: str, epochs: float, batch_size: int) -> int:
+    """Optimizer steps for ``epochs`` passes over the training split (at least 1)."""
+    size = datasets.num_examples(dataset, "train")
+    return max(1, round(epochs * size / batch_size))
+
+
+def start_run(strategy_name: str, seed: int, batch_size: int) -> tf.distribute.Strategy:
+    """Makes the strategy (first: multi-worker needs it before any op), seeds everything and
+    checks that ``batch_size`` splits evenly over the replicas.
+
+    Raises:
+      ValueError: ``batch_size`` is not a multiple of the number of replicas.
+    """
+    strategy = make_strategy(strategy_name)
+    keras.utils.set_random_seed(seed)
+    if batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the "
+                         f"{strategy.num_replicas_in_sync} replicas.")
+    return strategy
+
+
+def make_optimizer(name: str, learning_rate, *, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> keras.optimizers.Optimizer:
+    """An optimizer of `OPTIMIZERS` by name.
+
+    Args:
+      name: ``adamax``, ``adam`` or ``sgd``.
+      learning_rate: a float or a schedule (e.g. `tf_iresnet.training.WarmupSchedule`).
+      momentum: SGD momentum (``sgd`` only).
+      weight_decay: decoupled weight decay; 0 for none.
+
+    Raises:
+      ValueError: an unknown ``name``.
+    """
+    kwargs = {"learning_rate": learning_rate}
+    if weight_decay:
+        kwargs["weight_decay"] = weight_decay
+    if name == "adamax":
+        return keras.optimizers.Adamax(**kwargs)
+    if name == "adam":
+        return keras.optimizers.Adam(**kwargs)
+    if name == "sgd":
+        return keras.optimizers.SGD(momentum=momentum, **kwargs)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}.")
+
+
+def step_seed(seed: int, step) -> tf.Tensor:
+    """The stateless seed of training step ``step``: equal on every replica and worker."""
+    return tf.stack([tf.constant(seed, tf.int32), tf.cast(step, tf.int32)])
+
+
+def write_results(model_dir: str, results: dict) -> None:
+    """Writes ``results`` to ``model_dir/results.json``."""
+    with open(os.path.join(model_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+
+
+def preset_config(preset: str, config_type: type, overrides: dict, error: str):
+    """The preset's model config with ``overrides`` replaced.
+
+    Raises:
+      ValueError: with ``error``, the preset's config is not a ``config_type``.
+    """
+    base = presets.config(preset)
+    if not isinstance(base, config_type):
+        raise ValueError(error)
+    return dataclasses.replace(base, **overrides)
+
+
+def with_dataset_levels(model_cfg, dataset: str):
+    """``model_cfg`` with the dataset's number of quantization levels."""
+    spec = datasets.spec(dataset)
+    if spec.num_levels != model_cfg.num_levels:
+        model_cfg = dataclasses.replace(model_cfg, num_levels=spec.num_levels)
+    return model_cfg
+
+
+def make_trainer(cfg, *, strategy, model, optimizer, train_step_fn, eval_fn,
+                 **kwargs) -> Trainer:
+    """The `Trainer` of a task config: its ``model_dir``, ``train_steps``, intervals and
+    ``jit_compile``; ``kwargs`` (``post_step_fn``, ``config``) go to `Trainer` as they are."""
+    return Trainer(
+        strategy=strategy, model=model, optimizer=optimizer, train_step_fn=train_step_fn,
+        model_dir=cfg.model_dir, total_steps=cfg.train_steps, log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, eval_fn=eval_fn,
+        jit_compile=cfg.jit_compile, **kwargs)

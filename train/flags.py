@@ -1,0 +1,138 @@
+"""The flags every training binary shares, defined in one place.
+
+Each binary calls `define_common_flags` at import with its task's defaults, then defines its
+own extra flags; only its ``main`` (through ``config_from_flags``) reads them. The flags count
+as the calling binary's own (this module disclaims them), so ``--help`` lists them as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from absl import flags
+
+from tf_iresnet import datasets, presets
+from tf_iresnet.training import STRATEGY_NAMES
+
+flags.disclaim_key_flags()  # DEFINE_* below are attributed to the binary that calls them
+
+COMMON_FLAGS = ("dataset", "preset", "model_dir", "export_dir", "batch_size", "train_steps",
+                "epochs", "strategy", "seed", "eval_every", "checkpoint_every", "log_every",
+                "jit_compile", "coeff", "power_iterations")
+
+# The default help of each flag; a binary replaces what its defaults make different.
+_HELP = {
+    "dataset": "Training data.",
+    "preset": "Model preset.",
+    "model_dir": "Run directory (default runs/<preset>_<dataset>).",
+    "export_dir": "SavedModel destination (default saved_models/<preset>; '' skips export).",
+    "batch_size": "Global batch size.",
+    "train_steps": "Optimizer steps (default 2000; or use --epochs).",
+    "epochs": "Train for this many passes over the training split.",
+    "strategy": "tf.distribute strategy.",
+    "seed": "Random seed.",
+    "eval_every": "Steps between test-split evaluations.",
+    "checkpoint_every": "Steps between checkpoints.",
+    "log_every": "Steps between TensorBoard/progress updates.",
+    "jit_compile": "XLA-compile the forward/backward pass (slower first step, faster after).",
+    "coeff": "Spectral-norm coefficient in (0, 1).",
+    "power_iterations": "Power iterations per step.",
+}
+_LOWER_BOUNDS = {"batch_size": 1, "train_steps": 0, "epochs": 0.0, "eval_every": 0,
+                 "checkpoint_every": 0, "log_every": 1, "power_iterations": 0}
+_COEFF_MESSAGE = "--coeff must be in the open interval (0, 1)."
+
+
+def define_common_flags(
+    *,
+    task: str,
+    default_preset: str,
+    default_dataset: str,
+    dataset_names: Sequence[str] | None = None,
+    batch_size: int | None = 64,
+    train_steps: int | None = None,
+    epochs: float | None = None,
+    eval_every: int | None = 500,
+    checkpoint_every: int | None = 500,
+    log_every: int = 50,
+    jit_compile: bool = True,
+    helps: Mapping[str, str] | None = None,
+    lower_bounds: Mapping[str, float | None] | None = None,
+    coeff_message: str = _COEFF_MESSAGE,
+    mismatch_message: str = "--dataset and --preset disagree on the event shape.",
+    check_compatible: Callable[[dict], object] | None = None,
+    compatible_flags: Sequence[str] = ("dataset", "preset"),
+    flag_values: flags.FlagValues = flags.FLAGS,
+) -> None:
+    """Defines `COMMON_FLAGS` and their validators in ``flag_values``.
+
+    Not idempotent: a second call on the same `FlagValues` raises `flags.DuplicateFlagError`
+    (two binaries' flags never share a process; tests pass their own `FlagValues`).
+
+    Args:
+      task: the preset kind (`tf_iresnet.presets.kind`) that ``--preset`` offers.
+      default_preset, default_dataset: defaults of ``--preset`` and ``--dataset``.
+      dataset_names: the choices of ``--dataset`` (default: every dataset).
+      batch_size, train_steps, epochs, eval_every, checkpoint_every, log_every, jit_compile:
+        the flags' defaults (None: the binary resolves a default itself).
+      helps: per flag name, a help text that replaces the default one.
+      lower_bounds: per flag name, a lower bound that replaces the default one (None: none).
+      coeff_message: the error of a ``--coeff`` outside (0, 1).
+      mismatch_message: the error of a ``--dataset`` whose event shape is not the preset's
+        (the default check).
+      check_compatible: replaces the event-shape check: called with the values of
+        ``compatible_flags``; raises `ValueError` (its text is the flag error) when the
+        dataset and the preset (and model flags) do not fit together.
+      compatible_flags: the flags ``check_compatible`` sees.
+      flag_values: where to define them.
+    """
+    helps = {**_HELP, **(helps or {})}
+    bounds = {**_LOWER_BOUNDS, **(lower_bounds or {})}
+    fv = flag_values
+
+    def kw(name):
+        extra = {"flag_values": fv}
+        if bounds.get(name) is not None:
+            extra["lower_bound"] = bounds[name]
+        return extra
+
+    preset_names = [n for n in presets.names() if presets.kind(n) == task]
+    flags.DEFINE_enum("dataset", default_dataset, list(dataset_names or datasets.names()),
+                      helps["dataset"], flag_values=fv)
+    flags.DEFINE_enum("preset", default_preset, preset_names, helps["preset"], flag_values=fv)
+    flags.DEFINE_string("model_dir", None, helps["model_dir"], flag_values=fv)
+    flags.DEFINE_string("export_dir", None, helps["export_dir"], flag_values=fv)
+    flags.DEFINE_integer("batch_size", batch_size, helps["batch_size"], **kw("batch_size"))
+    flags.DEFINE_integer("train_steps", train_steps, helps["train_steps"], **kw("train_steps"))
+    flags.DEFINE_float("epochs", epochs, helps["epochs"], **kw("epochs"))
+    flags.DEFINE_enum("strategy", "auto", list(STRATEGY_NAMES), helps["strategy"],
+                      flag_values=fv)
+    flags.DEFINE_integer("seed", 0, helps["seed"], flag_values=fv)
+    flags.DEFINE_integer("eval_every", eval_every, helps["eval_every"], **kw("eval_every"))
+    flags.DEFINE_integer("checkpoint_every", checkpoint_every, helps["checkpoint_every"],
+                         **kw("checkpoint_every"))
+    flags.DEFINE_integer("log_every", log_every, helps["log_every"], **kw("log_every"))
+    flags.DEFINE_boolean("jit_compile", jit_compile, helps["jit_compile"], flag_values=fv)
+    flags.DEFINE_float("coeff", None, helps["coeff"], **kw("coeff"))
+    flags.DEFINE_integer("power_iterations", None, helps["power_iterations"],
+                         **kw("power_iterations"))
+
+    flags.register_validator("coeff", lambda c: c is None or 0.0 < c < 1.0,
+                             message=coeff_message, flag_values=fv)
+    flags.register_multi_flags_validator(
+        ["train_steps", "epochs"], lambda v: v["train_steps"] is None or v["epochs"] is None,
+        message="Give --train_steps or --epochs, not both.", flag_values=fv)
+    if check_compatible is None:
+        def check_compatible(values):
+            if (tuple(datasets.spec(values["dataset"]).shape)
+                    != tuple(presets.config(values["preset"]).input_shape)):
+                raise ValueError(mismatch_message)
+
+    def validate(values):
+        try:
+            check_compatible(values)
+        except ValueError as e:
+            raise flags.ValidationError(str(e)) from None
+        return True
+
+    flags.register_multi_flags_validator(list(compatible_flags), validate, flag_values=fv)
