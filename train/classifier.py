@@ -35,7 +35,7 @@ from tf_iresnet.tasks.classifier import (
     train_classifier,
 )
 from tf_iresnet.tasks.common import run_dirs, steps_for_epochs
-from train.flags import define_common_flags
+from train.flags import define_common_flags, run_task
 
 _MODEL_FLAGS = ("coeff", "power_iterations", "hybrid_weight")
 
@@ -121,7 +121,7 @@ def main(argv):
     """Entry point of ``python -m train.classifier`` (flags defined by `define_flags`)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    results = train_classifier(config_from_flags(flags.FLAGS))
+    results = run_task(train_classifier, lambda: config_from_flags(flags.FLAGS))
     if "test_accuracy" in results:
         print(f"test accuracy: {results['test_accuracy']:.4f}")
         if "test_bits_per_dim" in results:

@@ -15,7 +15,7 @@ from absl import app, flags
 from tf_iresnet.logdet import METHODS, PROBES
 from tf_iresnet.tasks.common import run_dirs, steps_for_epochs
 from tf_iresnet.tasks.density import OPTIMIZERS, DensityTrainConfig, train_density
-from train.flags import define_common_flags
+from train.flags import define_common_flags, run_task
 
 FLAGS = flags.FLAGS
 define_common_flags(
@@ -68,7 +68,7 @@ def config_from_flags() -> DensityTrainConfig:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    results = train_density(config_from_flags())
+    results = run_task(train_density, config_from_flags)
     if "samples_png" not in results:
         return  # a non-chief worker: the chief reports, saves and exports
     print(f"test bits/dim: {results['test_bits_per_dim']:.4f}")

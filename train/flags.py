@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from absl import flags
+from absl import app, flags
 
 from tf_iresnet import datasets, presets
+from tf_iresnet.tasks.common import ConfigError
 from tf_iresnet.training import STRATEGY_NAMES
 
 flags.disclaim_key_flags()  # DEFINE_* below are attributed to the binary that calls them
@@ -122,6 +123,16 @@ def define_common_flags(
     flags.register_multi_flags_validator(
         ["train_steps", "epochs"], lambda v: v["train_steps"] is None or v["epochs"] is None,
         message="Give --train_steps or --epochs, not both.", flag_values=fv)
+
+    def check_epochs(values):
+        if values["epochs"] is not None:
+            try:
+                datasets.num_examples(values["dataset"], "train")
+            except ValueError as e:
+                raise flags.ValidationError(f"--epochs: {e}") from None
+        return True
+
+    flags.register_multi_flags_validator(["dataset", "epochs"], check_epochs, flag_values=fv)
     if check_compatible is None:
         def check_compatible(values):
             if (tuple(datasets.spec(values["dataset"]).shape)
@@ -136,3 +147,13 @@ def define_common_flags(
         return True
 
     flags.register_multi_flags_validator(list(compatible_flags), validate, flag_values=fv)
+
+
+def run_task(train_fn: Callable, config_fn: Callable):
+    """``train_fn(config_fn())``, with a `ConfigError` (a run configuration that cannot work,
+    found once the flags are resolved or the strategy exists) reported as a usage error: its
+    message and exit status 1, no traceback."""
+    try:
+        return train_fn(config_fn())
+    except ConfigError as e:
+        raise app.UsageError(str(e)) from None

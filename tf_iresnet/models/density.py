@@ -20,7 +20,7 @@ from tf_iresnet.bijectors import (
 )
 from tf_iresnet.bijectors.multiscale import MultiScale
 from tf_iresnet.datasets.core import bits_per_dim
-from tf_iresnet.logdet import split_seed
+from tf_iresnet.logdet import PROBES, split_seed
 from tf_iresnet.residual import conv_branch, dense_branch
 
 tfb = tfp.bijectors
@@ -54,6 +54,8 @@ class DensityConfig:
       prior: ``"learned"`` (diagonal Gaussian with trained mean and scale) or ``"fixed"`` N(0, I).
       logdet: training estimator (``"series"``, ``"unbiased"``, ``"exact"``).
       n_terms, n_samples, n_exact_terms, neumann_gradient: training estimator settings.
+      probe: Hutchinson probe distribution of every estimate, ``"gaussian"`` or
+        ``"rademacher"``.
       eval_logdet: estimator for evaluation and export (``"exact"`` for small events).
       eval_n_terms: series terms for evaluation when ``eval_logdet="series"``.
       eval_n_samples: Hutchinson probes for evaluation.
@@ -81,6 +83,7 @@ class DensityConfig:
     n_samples: int = 1
     n_exact_terms: int = 2
     neumann_gradient: bool = False
+    probe: str = "gaussian"
     eval_logdet: str = "series"
     eval_n_terms: int = 20
     eval_n_samples: int = 4
@@ -102,6 +105,8 @@ class DensityConfig:
             raise ValueError(f"coeff must be in the open interval (0, 1), got {self.coeff}.")
         if self.preprocessing not in ("center", "logit", "none"):
             raise ValueError(f"preprocessing must be center, logit or none: {self.preprocessing!r}")
+        if self.probe not in PROBES:
+            raise ValueError(f"probe must be one of {PROBES}, got {self.probe!r}.")
         if self.prior not in ("learned", "fixed"):
             raise ValueError(f"prior must be 'learned' or 'fixed', got {self.prior!r}.")
 
@@ -208,9 +213,11 @@ class IResNetFlow(keras.Model):
         c = self.config
         if mode == "train":
             return dict(logdet=c.logdet, n_terms=c.n_terms, n_samples=c.n_samples,
-                        n_exact_terms=c.n_exact_terms, neumann_gradient=c.neumann_gradient)
+                        n_exact_terms=c.n_exact_terms, neumann_gradient=c.neumann_gradient,
+                        probe=c.probe)
         if mode == "eval":
-            return dict(logdet=c.eval_logdet, n_terms=c.eval_n_terms, n_samples=c.eval_n_samples)
+            return dict(logdet=c.eval_logdet, n_terms=c.eval_n_terms, n_samples=c.eval_n_samples,
+                        probe=c.probe)
         if mode == "none":
             return dict(logdet="none")
         raise ValueError(f"mode must be 'train', 'eval' or 'none', got {mode!r}.")
@@ -307,12 +314,13 @@ class IResNetFlow(keras.Model):
         residual = tf.reduce_max(tf.stack([s.residual for s in stats]))
         return x, iterations, residual
 
-    def sample(self, n: int, seed, temperature: float = 1.0) -> tf.Tensor:
-        """``n`` samples ``[n, *input_shape]``: prior draw (stateless ``seed``) then decode."""
+    def sample(self, n: int, seed, temperature: float = 1.0, **block_kwargs) -> tf.Tensor:
+        """``n`` samples ``[n, *input_shape]``: prior draw (stateless ``seed``) then decode
+        (``block_kwargs`` as for `decode`, e.g. ``inverse_on_failure="warn"``)."""
         prior = self.prior()
         eps = tf.random.stateless_normal([n, self.config.event_size], seed=seed)
         z = prior.loc + temperature * eps * prior.scale.diag
-        return self.decode(z)
+        return self.decode(z, **block_kwargs)
 
 
 def build_density_model(config: DensityConfig, name: str | None = None) -> IResNetFlow:

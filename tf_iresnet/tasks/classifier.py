@@ -120,8 +120,8 @@ def resolve_model_config(preset: str, dataset: str, overrides: dict) -> Classifi
     """The preset's config with ``overrides``, checked against the dataset.
 
     Raises:
-      ValueError: not a classifier preset, or a preset for images of another shape or another
-        number of classes than the dataset's.
+      common.ConfigError: not a classifier preset, or a preset for images of another shape or
+        another number of classes than the dataset's.
     """
     cfg = common.preset_config(
         preset, ClassifierConfig, overrides,
@@ -129,9 +129,9 @@ def resolve_model_config(preset: str, dataset: str, overrides: dict) -> Classifi
         f"{', '.join(classifier_presets())}.")
     spec = datasets.spec(dataset)
     if spec.num_classes is None or spec.kind != "image":
-        raise ValueError(f"Dataset {dataset!r} has no class labels to train a classifier on.")
+        raise common.ConfigError(f"Dataset {dataset!r} has no class labels to train a classifier on.")
     if tuple(spec.shape) != tuple(cfg.input_shape) or spec.num_classes != cfg.num_classes:
-        raise ValueError(
+        raise common.ConfigError(
             f"Dataset {dataset!r} has {spec.num_classes} classes of images of shape "
             f"{tuple(spec.shape)}, but preset {preset!r} expects {cfg.num_classes} classes of "
             f"{tuple(cfg.input_shape)}: pick a matching --preset (digits_classifier or "

@@ -20,6 +20,12 @@ from tf_iresnet.training import Trainer, make_strategy
 OPTIMIZERS = ("adamax", "adam", "sgd")
 
 
+class ConfigError(ValueError):
+    """A run configuration that cannot work (mismatched dataset and preset, a batch that does
+    not split over the replicas, a bad ``TF_CONFIG``, ...). The binaries report it as a usage
+    error: the message, no traceback."""
+
+
 def run_dirs(preset: str, dataset: str, model_dir: str | None = None,
              export_dir: str | None = None) -> tuple[str, str]:
     """``(model_dir, export_dir)`` with the defaults filled in.
@@ -36,8 +42,15 @@ def run_dirs(preset: str, dataset: str, model_dir: str | None = None,
 
 
 def steps_for_epochs(dataset: str, epochs: float, batch_size: int) -> int:
-    """Optimizer steps for ``epochs`` passes over the training split (at least 1)."""
-    size = datasets.num_examples(dataset, "train")
+    """Optimizer steps for ``epochs`` passes over the training split (at least 1).
+
+    Raises:
+      ConfigError: ``dataset`` is a generated stream (no epochs).
+    """
+    try:
+        size = datasets.num_examples(dataset, "train")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return max(1, round(epochs * size / batch_size))
 
 
@@ -46,12 +59,16 @@ def start_run(strategy_name: str, seed: int, batch_size: int) -> tf.distribute.S
     checks that ``batch_size`` splits evenly over the replicas.
 
     Raises:
-      ValueError: ``batch_size`` is not a multiple of the number of replicas.
+      ConfigError: an unknown strategy, a missing or invalid ``TF_CONFIG``, or a ``batch_size``
+        that is not a multiple of the number of replicas.
     """
-    strategy = make_strategy(strategy_name)
+    try:
+        strategy = make_strategy(strategy_name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     keras.utils.set_random_seed(seed)
     if batch_size % strategy.num_replicas_in_sync:
-        raise ValueError(f"batch_size {batch_size} must be divisible by the "
+        raise ConfigError(f"batch_size {batch_size} must be divisible by the "
                          f"{strategy.num_replicas_in_sync} replicas.")
     return strategy
 
@@ -96,12 +113,16 @@ def preset_config(preset: str, config_type: type, overrides: dict, error: str):
     """The preset's model config with ``overrides`` replaced.
 
     Raises:
-      ValueError: with ``error``, the preset's config is not a ``config_type``.
+      ConfigError: with ``error``, the preset's config is not a ``config_type``; or an override
+        that the config refuses (an unknown field or a bad value).
     """
     base = presets.config(preset)
     if not isinstance(base, config_type):
-        raise ValueError(error)
-    return dataclasses.replace(base, **overrides)
+        raise ConfigError(error)
+    try:
+        return dataclasses.replace(base, **overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"Preset {preset!r} with overrides {overrides}: {e}") from None
 
 
 def with_dataset_levels(model_cfg, dataset: str):

@@ -20,7 +20,11 @@ from absl import logging
 from tf_iresnet import datasets
 from tf_iresnet.export.density import export_density_model
 from tf_iresnet.models.density import DensityConfig, IResNetFlow
-from tf_iresnet.spectral_norm import lipschitz_report, update_spectral_norms
+from tf_iresnet.spectral_norm import (
+    converge_spectral_norms,
+    lipschitz_report,
+    update_spectral_norms,
+)
 from tf_iresnet.tasks import common
 from tf_iresnet.tasks.common import OPTIMIZERS as OPTIMIZERS  # re-exported for train.density
 from tf_iresnet.training import (
@@ -82,7 +86,7 @@ def model_config(cfg: DensityTrainConfig) -> DensityConfig:
                                      f"Preset {cfg.preset!r} is not a density model preset.")
     spec = datasets.spec(cfg.dataset)
     if tuple(spec.shape) != tuple(model_cfg.input_shape):
-        raise ValueError(
+        raise common.ConfigError(
             f"Dataset {cfg.dataset!r} has events of shape {tuple(spec.shape)} but preset "
             f"{cfg.preset!r} expects {tuple(model_cfg.input_shape)}; pick a matching "
             f"--preset (e.g. digits_density for digits, toy2d_density for 2-D sets).")
@@ -176,13 +180,15 @@ class Evaluator:
         results["lipschitz_layer_max"] = max(estimates)
         tf.summary.histogram("lipschitz/layer_estimates", estimates, step=step)
         if self.is_image:
-            samples = self.model.sample(self.cfg.num_samples, seed=(self.cfg.seed, step))
+            samples = self.model.sample(self.cfg.num_samples, seed=(self.cfg.seed, step),
+                                        inverse_on_failure="warn")
             image_summary("images/data", x, step)
             image_summary("images/reconstructions", tf.clip_by_value(x_rec, 0.0, 1.0), step)
             image_summary("images/samples", tf.clip_by_value(samples, 0.0, 1.0), step)
         else:
             image_summary("images/density", self.density_heatmap()[None], step)
-            samples = self.model.sample(2000, seed=(self.cfg.seed, step))
+            samples = self.model.sample(2000, seed=(self.cfg.seed, step),
+                                        inverse_on_failure="warn")
             image_summary("images/samples", histogram_image(samples.numpy())[None], step)
         return results
 
@@ -230,25 +236,33 @@ def train_density(cfg: DensityTrainConfig) -> dict[str, float]:
     # Every worker prints it: replicas and workers must end with identical weights.
     checksum = float(sum(tf.reduce_sum(tf.cast(w, tf.float64)) for w in model.weights))
     print(f"final weights checksum: {checksum:.10e}")
-    results["test_bits_per_dim"] = results.get("eval/bits_per_dim", float("nan"))
-    if trainer.is_chief:
-        grid_path = os.path.join(cfg.model_dir, "samples.png")
-        n = cfg.num_samples
-        if spec.kind == "image":
-            samples = tf.clip_by_value(model.sample(n, seed=(cfg.seed, 0)), 0.0, 1.0)
-            if samples.shape[1] < 32:  # upscale tiny images (digits are 8x8) to be visible
-                factor = 32 // samples.shape[1]
-                samples = tf.repeat(tf.repeat(samples, factor, axis=1), factor, axis=2)
-            save_image_grid(samples, grid_path, nrow=int(math.ceil(math.sqrt(n))))
-        else:
-            samples = model.sample(5000, seed=(cfg.seed, 0)).numpy()
-            save_image_grid(histogram_image(samples)[None], grid_path, nrow=1)
-            save_image_grid(evaluator.density_heatmap()[None],
-                            os.path.join(cfg.model_dir, "density.png"), nrow=1)
-        results["samples_png"] = grid_path
-        if cfg.export_dir:
-            export_density_model(model, cfg.export_dir)
-            results["export_dir"] = cfg.export_dir
-            logging.info("Exported SavedModel to %s", cfg.export_dir)
-        common.write_results(cfg.model_dir, results)
+    results["num_replicas"] = strategy.num_replicas_in_sync
+    if not trainer.is_chief:
+        return results
+    # The exported model is the converged one: the final figures are that model's, and they are
+    # computed on every run, a resumed run that had nothing left to train included.
+    converge_spectral_norms(model)
+    final = evaluator(trainer.step)
+    results.update({f"final/{k}": v for k, v in final.items()})
+    results["test_bits_per_dim"] = final["bits_per_dim"]
+    results["step"] = trainer.step
+    grid_path = os.path.join(cfg.model_dir, "samples.png")
+    n = cfg.num_samples
+    if spec.kind == "image":
+        samples = tf.clip_by_value(model.sample(n, seed=(cfg.seed, 0)), 0.0, 1.0)
+        if samples.shape[1] < 32:  # upscale tiny images (digits are 8x8) to be visible
+            factor = 32 // samples.shape[1]
+            samples = tf.repeat(tf.repeat(samples, factor, axis=1), factor, axis=2)
+        save_image_grid(samples, grid_path, nrow=int(math.ceil(math.sqrt(n))))
+    else:
+        samples = model.sample(5000, seed=(cfg.seed, 0)).numpy()
+        save_image_grid(histogram_image(samples)[None], grid_path, nrow=1)
+        save_image_grid(evaluator.density_heatmap()[None],
+                        os.path.join(cfg.model_dir, "density.png"), nrow=1)
+    results["samples_png"] = grid_path
+    if cfg.export_dir:
+        export_density_model(model, cfg.export_dir, converge=False)
+        results["export_dir"] = cfg.export_dir
+        logging.info("Exported SavedModel to %s", cfg.export_dir)
+    common.write_results(cfg.model_dir, results)
     return results
