@@ -124,11 +124,35 @@ def test_bits_per_dim():
     np.testing.assert_allclose(model.bits_per_dim(lp).numpy(), expected, rtol=1e-6)
 
 
-def test_paper_preset_parameter_count():
-    # The official code's CIFAR10 density model has 25,028,544 trainable parameters.
-    model = presets.build("cifar10_density_paper")
+@pytest.mark.parametrize("name, official", [
+    ("cifar10_density_paper", 25_028_544),  # the official code's CIFAR10 density model
+    ("bench_cifar_small", 0.98e6),  # REFERENCE.md, section 2 (given to two digits)
+    ("bench_mnist", 3.75e6),
+])
+def test_preset_parameter_counts(name, official):
+    model = presets.build(name)
     count = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-    assert abs(count - 25_028_544) <= 0.01 * 25_028_544, count
+    assert abs(count - official) <= 0.01 * official, count
+
+
+def test_probe_setting_reaches_every_block():
+    model = _model(dataclasses.replace(TINY_CONV, probe="rademacher"))
+    blocks = _blocks(model.bijector(mode="train"))
+    assert blocks and all(b.logdet_config.probe == "rademacher" for b in blocks)
+    blocks = _blocks(model.bijector(mode="eval"))
+    assert all(b.logdet_config.probe == "rademacher" for b in blocks)
+    with pytest.raises(ValueError, match="probe must be one of"):
+        dataclasses.replace(TINY_CONV, probe="uniform")
+
+
+def _blocks(bijector):
+    """The InvertibleResidualBlocks inside a (nested) bijector."""
+    from tf_iresnet import InvertibleResidualBlock
+
+    if isinstance(bijector, InvertibleResidualBlock):
+        return [bijector]
+    inner = getattr(bijector, "bijectors", None) or getattr(bijector, "scales", None) or []
+    return [b for child in inner for b in _blocks(child)]
 
 
 def test_presets_registry():

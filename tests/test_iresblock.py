@@ -61,10 +61,11 @@ def conv_g():
 
 @pytest.mark.parametrize("kind", ["dense", "conv"])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_inverse_of_forward(kind, compiled, dense_g, conv_g):
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+def test_inverse_of_forward(kind, compiled, solver, dense_g, conv_g):
     g, ndims = (dense_g, 1) if kind == "dense" else (conv_g, 3)
     x = tf.random.stateless_normal([5, 4] if ndims == 1 else [5, 4, 4, 2], seed=[1, 2])
-    block = InvertibleResidualBlock(g, event_ndims=ndims, logdet="none")
+    block = InvertibleResidualBlock(g, event_ndims=ndims, logdet="none", inverse_solver=solver)
 
     def roundtrip(x):
         y = block.forward(x)
@@ -173,6 +174,38 @@ def test_unbiased_seed_reproducible_and_fresh(dense_g):
 
     np.testing.assert_array_equal(ldj(7), ldj(7))
     assert not np.array_equal(ldj(None), ldj(None))
+
+
+@pytest.mark.filterwarnings("ignore:Using stateful random seeds")
+def test_replicas_of_a_step_draw_the_same_roulette_and_probes():
+    # The training loop seeds every block with (seed, step): the replicas of one step must get
+    # the same estimate for the same input, and the next step a fresh one. With seed=None each
+    # replica draws its own randomness, which the same check catches.
+    from tf_iresnet.tasks.common import step_seed
+    from tf_iresnet.training import make_strategy
+
+    g, _ = _linear_g()
+    strategy = make_strategy("mirrored")
+    assert strategy.num_replicas_in_sync == 2
+    xs = tf.zeros([8, 4])
+
+    def per_replica(step, seeded):
+        seed = step_seed(0, step) if seeded else None
+        block = InvertibleResidualBlock(g, event_ndims=1, logdet="unbiased", n_exact_terms=1,
+                                        seed=seed)
+        return block.forward_log_det_jacobian(tf.identity(xs), event_ndims=1)
+
+    @tf.function
+    def run(step, seeded):
+        return strategy.experimental_local_results(
+            strategy.run(per_replica, args=(step, seeded)))
+
+    a0, b0 = (r.numpy() for r in run(tf.constant(0), True))
+    a1, _ = (r.numpy() for r in run(tf.constant(1), True))
+    np.testing.assert_array_equal(a0, b0)
+    assert not np.array_equal(a0, a1)
+    c0, d0 = (r.numpy() for r in run(tf.constant(0), False))
+    assert not np.array_equal(c0, d0)
 
 
 def test_neumann_gradient_value_and_gradient(dense_g):

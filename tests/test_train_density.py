@@ -153,8 +153,15 @@ def test_runs_on_strategies(dataset, strategy, tmp_path):
         train_steps=6, eval_every=3, checkpoint_every=0, strategy=strategy,
         model_overrides=TINY_2D if toy else {"blocks": (1, 1), "hidden_channels": 8}, **FAST)
     results = train_density(cfg)
+    assert results["num_replicas"] == (2 if strategy == "mirrored" else 1)
     assert np.isfinite(results["test_bits_per_dim"])
     assert results["loss"] < 20 and np.isfinite(results["loss"])
+    if strategy == "default":
+        # A rerun on a finished model_dir trains nothing but still reports the final figures.
+        again = train_density(cfg)
+        assert again["step"] == 6 and "loss" not in again
+        np.testing.assert_allclose(again["test_bits_per_dim"], results["test_bits_per_dim"],
+                                   rtol=1e-4)
     eval_tags = _event_tags(os.path.join(cfg.model_dir, "eval"))
     if toy:
         assert os.path.exists(os.path.join(cfg.model_dir, "density.png"))
@@ -241,8 +248,13 @@ def test_multi_worker_mirrored_two_processes(tmp_path):
     (["--dataset=mnist", "--preset=digits_density"], "disagree on the event shape"),
     (["--preset=nope"], "--preset"),
     (["--train_steps=5", "--epochs=1"], "not both"),
+    (["--dataset=moons", "--preset=toy2d_density", "--epochs=1"],
+     "--epochs: 'moons' is an infinite generated stream"),
+    (["--probe=uniform"], "--probe"),
+    (["--strategy=multi_worker_mirrored", "--train_steps=1"], "TF_CONFIG"),
 ])
 def test_bad_flags_are_refused(args, message):
     proc = _run_binary(args)
     assert proc.returncode != 0
     assert message in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
