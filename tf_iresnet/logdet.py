@@ -191,43 +191,68 @@ def residual_and_logdet(
         n_total = tf.constant(config.n_terms, tf.int32)
     probe_seeds = split_seed(probe_seed, config.n_samples)
 
-    def weight(k):
-        """Coefficient of ``v^T J^k v`` in the estimate, k >= 1 (python int)."""
-        sign = 1.0 if k % 2 == 1 else -1.0
-        w = sign / k
-        if config.method == "unbiased" and k > config.n_exact_terms:
-            w = w / config.survival(k - config.n_exact_terms)
-        return w
-
-    def neumann_weight(k):
-        """Coefficient of ``v^T J^k`` in the gradient vector, k >= 0."""
-        w = 1.0 if k % 2 == 0 else -1.0
-        if config.method == "unbiased" and k + 1 > config.n_exact_terms:
-            w = w / config.survival(k + 1 - config.n_exact_terms)
-        return w
-
     estimates = []
     for s in range(config.n_samples):
         v = _probe(tf.shape(x), x.dtype, config.probe, probe_seeds[s])
+        if config.neumann_gradient:
+            estimates.append(_neumann_estimate(vjp, v, n_total, config))
+            continue
         w = v
         total = tf.zeros([tf.shape(x)[0]], x.dtype)
-        grad_vec = tf.zeros_like(x)  # Neumann: sum_k (-1)^k v^T J^k, outside the gradient.
         for k in range(1, config.max_terms + 1):
             active = k <= n_total
-            if config.neumann_gradient:
-                grad_vec += tf.cast(active, x.dtype) * neumann_weight(k - 1) * tf.stop_gradient(w)
             if config.method == "unbiased" and k > config.n_exact_terms:
                 # Only the first n_total products are evaluated (dynamic count, static graph).
                 w = tf.cond(active, lambda w=w: vjp(w), lambda w=w: tf.zeros_like(w))
             else:
                 w = vjp(w)
-            if config.neumann_gradient:
-                w = tf.stop_gradient(w)
-            total += tf.cast(active, x.dtype) * weight(k) * _event_sum(w * v)
-        if config.neumann_gradient:
-            # d/dtheta of (u^T J) v with u held fixed is u^T dJ v = sum_k (-1)^k v^T J^k dJ v.
-            surrogate = _event_sum(vjp(tf.stop_gradient(grad_vec)) * v)
-            total = tf.stop_gradient(total) + surrogate - tf.stop_gradient(surrogate)
+            weight = tf.cast(active, x.dtype) * tf.cast(_term_weight(config, k), x.dtype)
+            total += weight * _event_sum(w * v)
         estimates.append(total)
     logdet = tf.add_n(estimates) / config.n_samples
     return gx, logdet
+
+
+def _signed_reweighting(config: LogDetConfig, k) -> tf.Tensor:
+    """``(-1)^(k+1) / P(N >= k - n_exact_terms)`` for term k >= 1 (int or int32 tensor); the
+    roulette reweighting is 1 for the always-computed terms and for ``"series"``."""
+    k = tf.convert_to_tensor(k, tf.int32)
+    w = tf.where(k % 2 == 1, 1.0, -1.0)
+    if config.method == "unbiased":
+        w = w / config.survival(tf.maximum(k - config.n_exact_terms, 0))  # survival(0) = 1
+    return w
+
+
+def _term_weight(config: LogDetConfig, k) -> tf.Tensor:
+    """Coefficient of ``v^T J^k v`` in the estimate, k >= 1."""
+    return _signed_reweighting(config, k) / tf.cast(k, tf.float32)
+
+
+def _neumann_estimate(vjp, v: tf.Tensor, n_total: tf.Tensor, config: LogDetConfig) -> tf.Tensor:
+    """The log-det estimate of one probe with the Neumann-series gradient.
+
+    The products ``w_k = v^T J^k`` run in a `tf.while_loop` outside the gradient: one loop
+    body's buffers serve every term, so memory does not grow with ``n_total`` (an unrolled
+    chain keeps one set of ``x``-sized tensors per term), and the graph does not grow either.
+    The loop accumulates the estimate ``sum_{k>=1} (-1)^(k+1) b_k w_k v / k`` and the gradient
+    vector ``u = sum_{k>=1} (-1)^(k+1) b_k w_{k-1}`` (``b_k`` the roulette reweighting of term
+    k); ``d/dtheta (u^T J v)`` with u held fixed is then ``sum_k (-1)^(k+1) b_k v^T J^(k-1) dJ v``
+    = ``d/dtheta`` of the estimate, since ``d tr(J^k) / k = tr(J^(k-1) dJ)`` (Chen et al., 2019).
+    """
+    dtype = v.dtype
+    batch = tf.shape(v)[0]
+
+    def body(k, w, total, grad_vec):
+        # Entering with w = v^T J^(k-1): it is term k's contribution to the gradient vector.
+        grad_vec += tf.cast(_signed_reweighting(config, k), dtype) * w
+        w = tf.stop_gradient(vjp(w))
+        total += tf.cast(_term_weight(config, k), dtype) * _event_sum(w * v)
+        return k + 1, w, total, grad_vec
+
+    _, _, total, grad_vec = tf.while_loop(
+        lambda k, *_: k <= n_total, body,
+        (tf.constant(1), tf.stop_gradient(v), tf.zeros([batch], dtype), tf.zeros_like(v)),
+        maximum_iterations=config.max_terms)
+    total, grad_vec = tf.stop_gradient(total), tf.stop_gradient(grad_vec)
+    surrogate = _event_sum(vjp(grad_vec) * v)
+    return total + surrogate - tf.stop_gradient(surrogate)
