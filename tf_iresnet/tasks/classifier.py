@@ -32,7 +32,7 @@ from tf_iresnet.models.classifier import (
     build_classifier_model,
     classifier_objective,
 )
-from tf_iresnet.spectral_norm import converge_spectral_norms, lipschitz_report
+from tf_iresnet.spectral_norm import lipschitz_report
 from tf_iresnet.tasks import common
 from tf_iresnet.training import (
     WarmupSchedule,
@@ -248,19 +248,14 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
     if not model.initialized:  # a fresh run: ActNorm's data-dependent initialization
         model.initialize(next(iter(train))[0])  # the same batch on every worker
     results = trainer.train(train)
-    results["num_replicas"] = strategy.num_replicas_in_sync
-    if not trainer.is_chief:
+    final = common.final_evaluation(trainer, model, evaluator, results)
+    if final is None:
         return results
-    # The exported model is the converged one: evaluate that one for the final figures.
-    converge_spectral_norms(model)
-    final = evaluator(trainer.step)
-    results.update({f"final/{k}": v for k, v in final.items()})
     results["test_accuracy"] = final["accuracy"]
     if cfg.model.hybrid:
         results["test_bits_per_dim"] = final["bits_per_dim"]
     results["reconstruction_max_abs_error"] = final["reconstruction_max_abs_error"]
     results["trainable_parameters"] = model.num_trainable_parameters
-    results["step"] = trainer.step
     if cfg.export_dir:
         export_classifier(model, cfg.export_dir, converge=False)
         results["export_dir"] = cfg.export_dir

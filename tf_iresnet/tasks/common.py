@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from tf_iresnet import datasets, presets
+from tf_iresnet.spectral_norm import converge_spectral_norms
 from tf_iresnet.training import Trainer, make_strategy
 
 OPTIMIZERS = ("adamax", "adam", "sgd")
@@ -142,3 +143,24 @@ def make_trainer(cfg, *, strategy, model, optimizer, train_step_fn, eval_fn,
         model_dir=cfg.model_dir, total_steps=cfg.train_steps, log_every=cfg.log_every,
         checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, eval_fn=eval_fn,
         jit_compile=cfg.jit_compile, **kwargs)
+
+
+def final_evaluation(trainer: Trainer, model: keras.Model, evaluate, results: dict):
+    """The figures of the model that gets exported, on every run (a resumed run that had
+    nothing left to train included).
+
+    Adds ``num_replicas`` and ``step`` to ``results``; on the chief, also converges the
+    spectral norms (the exported model is the converged one), evaluates that model with
+    ``evaluate(step)`` and adds its metrics as ``final/<name>``.
+
+    Returns:
+      The final metrics on the chief; None on the other workers.
+    """
+    results["num_replicas"] = trainer.strategy.num_replicas_in_sync
+    results["step"] = trainer.step
+    if not trainer.is_chief:
+        return None
+    converge_spectral_norms(model)
+    final = evaluate(trainer.step)
+    results.update({f"final/{k}": v for k, v in final.items()})
+    return final

@@ -20,11 +20,7 @@ from absl import logging
 from tf_iresnet import datasets
 from tf_iresnet.export.density import export_density_model
 from tf_iresnet.models.density import DensityConfig, IResNetFlow
-from tf_iresnet.spectral_norm import (
-    converge_spectral_norms,
-    lipschitz_report,
-    update_spectral_norms,
-)
+from tf_iresnet.spectral_norm import lipschitz_report, update_spectral_norms
 from tf_iresnet.tasks import common
 from tf_iresnet.tasks.common import OPTIMIZERS as OPTIMIZERS  # re-exported for train.density
 from tf_iresnet.training import (
@@ -236,16 +232,10 @@ def train_density(cfg: DensityTrainConfig) -> dict[str, float]:
     # Every worker prints it: replicas and workers must end with identical weights.
     checksum = float(sum(tf.reduce_sum(tf.cast(w, tf.float64)) for w in model.weights))
     print(f"final weights checksum: {checksum:.10e}")
-    results["num_replicas"] = strategy.num_replicas_in_sync
-    if not trainer.is_chief:
+    final = common.final_evaluation(trainer, model, evaluator, results)
+    if final is None:
         return results
-    # The exported model is the converged one: the final figures are that model's, and they are
-    # computed on every run, a resumed run that had nothing left to train included.
-    converge_spectral_norms(model)
-    final = evaluator(trainer.step)
-    results.update({f"final/{k}": v for k, v in final.items()})
     results["test_bits_per_dim"] = final["bits_per_dim"]
-    results["step"] = trainer.step
     grid_path = os.path.join(cfg.model_dir, "samples.png")
     n = cfg.num_samples
     if spec.kind == "image":
