@@ -243,6 +243,16 @@ def test_multi_worker_mirrored_two_processes(tmp_path):
     assert tf.train.latest_checkpoint(str(tmp_path / "run0")).endswith("ckpt-4")
 
 
+def test_defaults_depend_on_the_kind_of_data(tmp_path):
+    # 2-D sets train with larger batches and a larger rate than images (tasks.density).
+    proc = _run_binary(["--dataset=moons", "--preset=toy2d_density", "--train_steps=0",
+                        "--export_dir=", f"--model_dir={tmp_path}", "--num_samples=4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.load(open(tmp_path / "config.json"))
+    assert (config["batch_size"], config["learning_rate"]) == (512, 1e-2)
+    assert "test bits/dim" in proc.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--coeff=1.5"], "--coeff must be in the open interval (0, 1)"),
     (["--dataset=mnist", "--preset=digits_density"], "disagree on the event shape"),

@@ -14,18 +14,26 @@ from absl import app, flags
 
 from tf_iresnet.logdet import METHODS, PROBES
 from tf_iresnet.tasks.common import run_dirs, steps_for_epochs
-from tf_iresnet.tasks.density import OPTIMIZERS, DensityTrainConfig, train_density
+from tf_iresnet.tasks.density import (
+    OPTIMIZERS,
+    DensityTrainConfig,
+    data_defaults,
+    train_density,
+)
 from train.flags import define_common_flags, run_task
 
 FLAGS = flags.FLAGS
 define_common_flags(
     task="density", default_preset="digits_density", default_dataset="digits",
+    batch_size=None,
+    helps={"batch_size": "Global batch size (default 64 for images, 512 for the 2-D sets)."},
     mismatch_message="--dataset and --preset disagree on the event shape: use an image preset "
                      "of the dataset's size (e.g. digits_density for digits, bench_mnist or "
                      "mnist_density_paper for mnist, bench_cifar_small for cifar10) or "
                      "toy2d_density for the 2-D sets.")
 flags.DEFINE_enum("optimizer", "adamax", list(OPTIMIZERS), "Optimizer (the paper: adamax).")
-flags.DEFINE_float("lr", 3e-3, "Peak learning rate, reached after the warm-up.", lower_bound=0.0)
+flags.DEFINE_float("lr", None, "Peak learning rate, reached after the warm-up (default 3e-3 "
+                   "for images, 1e-2 for the 2-D sets).", lower_bound=0.0)
 flags.DEFINE_integer("warmup_steps", 100, "Linear learning-rate warm-up steps.", lower_bound=0)
 flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay.", lower_bound=0.0)
 flags.DEFINE_enum("logdet", None, [m for m in METHODS if m != "none"],
@@ -45,10 +53,13 @@ _MODEL_FLAGS = ("logdet", "n_terms", "n_samples", "n_exact_terms", "probe", "neu
 
 
 def config_from_flags() -> DensityTrainConfig:
-    """Resolves the flags into a `DensityTrainConfig`."""
+    """Resolves the flags into a `DensityTrainConfig` (per-data defaults filled in)."""
+    batch_size, lr = data_defaults(FLAGS.dataset)
+    batch_size = FLAGS.batch_size or batch_size
+    lr = FLAGS.lr if FLAGS.lr is not None else lr
     train_steps = FLAGS.train_steps
     if FLAGS.epochs is not None:
-        train_steps = steps_for_epochs(FLAGS.dataset, FLAGS.epochs, FLAGS.batch_size)
+        train_steps = steps_for_epochs(FLAGS.dataset, FLAGS.epochs, batch_size)
     if train_steps is None:
         train_steps = 2000
     model_dir, export_dir = run_dirs(FLAGS.preset, FLAGS.dataset, FLAGS.model_dir,
@@ -56,8 +67,8 @@ def config_from_flags() -> DensityTrainConfig:
     overrides = {k: FLAGS[k].value for k in _MODEL_FLAGS if FLAGS[k].value is not None}
     return DensityTrainConfig(
         dataset=FLAGS.dataset, preset=FLAGS.preset, model_dir=model_dir, export_dir=export_dir,
-        batch_size=FLAGS.batch_size, train_steps=train_steps, optimizer=FLAGS.optimizer,
-        learning_rate=FLAGS.lr, warmup_steps=FLAGS.warmup_steps,
+        batch_size=batch_size, train_steps=train_steps, optimizer=FLAGS.optimizer,
+        learning_rate=lr, warmup_steps=FLAGS.warmup_steps,
         weight_decay=FLAGS.weight_decay,
         strategy=FLAGS.strategy, seed=FLAGS.seed, eval_every=FLAGS.eval_every,
         checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,

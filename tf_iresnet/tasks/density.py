@@ -30,6 +30,17 @@ from tf_iresnet.training import (
     summaries,
 )
 
+# (global batch size, peak learning rate) per kind of data. A 2-D example costs next to nothing,
+# and the thin structures of the toy sets need large batches: moons, 2000 steps of
+# toy2d_density, gave 2.08 test bits/dim at (512, 1e-2) and 2.42 at (64, 3e-3), in the same
+# wall time (about 2 minutes on 2 cores).
+_DATA_DEFAULTS = {datasets.core.IMAGE: (64, 3e-3), datasets.core.VECTOR: (512, 1e-2)}
+
+
+def data_defaults(dataset: str) -> tuple[int, float]:
+    """``(batch_size, learning_rate)`` defaults of a training run on ``dataset``."""
+    return _DATA_DEFAULTS[datasets.spec(dataset).kind]
+
 
 @dataclasses.dataclass(frozen=True)
 class DensityTrainConfig:
