@@ -80,12 +80,18 @@ _LOAD_SCRIPT = textwrap.dedent("""
     errors = {}
     bad = {"shape": tf.zeros([2] + shape[:-1] + [shape[-1] + 2]), "range": 2.0 + x,
            "dtype": tf.cast(x, tf.float64), "nan": x * float("nan")}
-    for key, value in bad.items():
+    def error_of(fn, *args):
         try:
-            m.log_prob(value)
-            errors[key] = "no error"
+            fn(*args)
+            return "no error"
         except Exception as e:
-            errors[key] = str(e)
+            return str(e)
+    for endpoint in ("log_prob", "bits_per_dim", "encode"):
+        errors[endpoint] = {k: error_of(getattr(m, endpoint), v) for k, v in bad.items()}
+    d = z.shape[-1]
+    errors["decode"] = {"shape": error_of(m.decode, tf.zeros([2, d + 1])),
+                        "nan": error_of(m.decode, z * float("nan"))}
+    errors["sample"] = {"n": error_of(m.sample, tf.constant(0), tf.constant(1))}
     out["errors"] = errors
     print("RESULT" + json.dumps(out))
 """)
@@ -103,18 +109,24 @@ def _check_export(export_dir, shape, num_levels, tmp_path):
     d = int(np.prod(shape))
     lp = np.array(out["log_prob"])
     assert lp.shape == (5,) and np.isfinite(lp).all()
-    np.testing.assert_allclose(out["bits_per_dim"], -lp / (d * np.log(2)) + np.log2(num_levels),
-                               rtol=1e-5)
+    discrete = np.log2(num_levels) if num_levels else 0.0  # continuous 2-D data: no bins
+    np.testing.assert_allclose(out["bits_per_dim"], -lp / (d * np.log(2)) + discrete, rtol=1e-5)
     assert out["z_shape"] == [5, d]
     assert out["rec_err"] < 1e-4
     assert out["sample_shape"] == [3, *shape]
     assert out["same_seed_equal"] and out["other_seed_differs"]
-    assert 0.0 <= out["sample_range"][0] <= out["sample_range"][1] <= 1.0
-    errors = out["errors"]
-    assert "must have shape [batch, " + ", ".join(map(str, shape)) in errors["shape"]
-    assert "values must lie in [0, 1]" in errors["range"]
-    assert "float32" in errors["dtype"]
-    assert "must be finite" in errors["nan"]
+    if len(shape) == 3:
+        assert 0.0 <= out["sample_range"][0] <= out["sample_range"][1] <= 1.0
+    for endpoint in ("log_prob", "bits_per_dim", "encode"):
+        errors = out["errors"][endpoint]
+        assert "must have shape [batch, " + ", ".join(map(str, shape)) in errors["shape"]
+        assert "float32" in errors["dtype"]
+        assert "must be finite" in errors["nan"]
+        if len(shape) == 3:  # images live in [0, 1]; 2-D points are unbounded
+            assert "values must lie in [0, 1]" in errors["range"]
+    assert f"must have shape [batch, {d}]" in out["errors"]["decode"]["shape"]
+    assert "must be finite" in out["errors"]["decode"]["nan"]
+    assert "n (number of samples) must be >= 1" in out["errors"]["sample"]["n"]
 
 
 def test_digits_cli_end_to_end_and_export(tmp_path):
@@ -157,6 +169,7 @@ def test_runs_on_strategies(dataset, strategy, tmp_path):
     assert np.isfinite(results["test_bits_per_dim"])
     assert results["loss"] < 20 and np.isfinite(results["loss"])
     if strategy == "default":
+        _check_export(cfg.export_dir, (2,), None, tmp_path)  # a fresh process, no project
         # A rerun on a finished model_dir trains nothing but still reports the final figures.
         again = train_density(cfg)
         assert again["step"] == 6 and "loss" not in again
