@@ -44,8 +44,8 @@ _DENSITY = {
 # strides 1-2-2 (squeeze at the start of stages 2 and 3), 13 zero channels (16 x 32 x 32), c 0.9,
 # 1 power iteration, ELU, ActNorm per block, head BN-ReLU-avgpool-linear. 4,873,152 trainable
 # parameters (0.67% below the official 4,905,946, most of it the official network's unused
-# learned prior, 2 x 16,384; see tf_iresnet/models/classifier.py). MNIST: the paper's 21 blocks, laid out as for CIFAR
-# (15 zero channels: 16 x 28 x 28 -> 64 x 14 x 14 -> 256 x 7 x 7).
+# learned prior, 2 x 16,384; see tf_iresnet/models/classifier.py). MNIST: the paper's 21
+# blocks, laid out as for CIFAR (15 zero channels: 16 x 28 x 28 -> 64 x 14 x 14 -> 256 x 7 x 7).
 _CIFAR_CLASSIFIER = ClassifierConfig(
     input_shape=(32, 32, 3), num_classes=10, num_levels=256, pad_channels=13,
     blocks=(7, 7, 7), hidden_channels=(32, 64, 128), strides=(1, 2, 2))
