@@ -5,7 +5,50 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-__all__ = ["LipSwish", "get_activation"]
+try:  # Whether a gradient tape is recording (TF-internal; without it, always take the tape path).
+    from tensorflow.python.eager.record import could_possibly_record as _tape_is_recording
+except ImportError:  # pragma: no cover
+    def _tape_is_recording() -> bool:
+        return True
+
+__all__ = ["ELU", "LipSwish", "get_activation"]
+
+
+@tf.custom_gradient
+def _elu_with_slope(x: tf.Tensor, y: tf.Tensor, slope: tf.Tensor):
+    """``y = elu(x)`` (given) whose vector-Jacobian product is ``u * slope`` (``slope`` given)."""
+    def grad(u):
+        return u * slope, None, None
+
+    return tf.identity(y), grad
+
+
+@keras.saving.register_keras_serializable(package="tf_iresnet")
+class ELU(keras.layers.Layer):
+    """ELU ``y = x`` for ``x > 0``, ``exp(x) - 1`` otherwise, with a backward pass built for
+    the log-det's chain of vector-Jacobian products.
+
+    Values and gradients of every order are those of ``tf.nn.elu``. Under a gradient tape the
+    slope ``s = elu'(x)`` (``1`` where ``y > 0``, ``y + 1`` elsewhere) is computed once per call
+    as an ordinary differentiable tensor, and each vector-Jacobian product through the layer is
+    ``u * s``. The n products of an n-term series then share one ``s``: their second-order
+    backward is two multiplications each, and the gradient reaching ``s`` is summed over the
+    products before it flows back through ``s(y)`` once. TensorFlow's own ``EluGrad`` is
+    differentiated per product instead (``EluGrad``, ``Less``, ``Mul``, ``Select``), and keeps
+    more of its intermediates: on ``bench_cifar_small`` this layer lowers the training step's
+    peak memory from 2.22 to 1.95 GB and raises its throughput by 2% (see
+    ``benchmarks/README.md``). Without a recording tape it is ``tf.nn.elu``.
+    """
+
+    def call(self, inputs):
+        y = tf.nn.elu(inputs)
+        if not _tape_is_recording():
+            return y
+        slope = tf.where(y > 0, tf.ones_like(y), y + 1.0)
+        return _elu_with_slope(inputs, y, slope)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
 
 @keras.saving.register_keras_serializable(package="tf_iresnet")
@@ -42,7 +85,7 @@ class LipSwish(keras.layers.Layer):
 
 
 _ACTIVATIONS = {
-    "elu": lambda name: keras.layers.Activation("elu", name=name),
+    "elu": lambda name: ELU(name=name),
     "relu": lambda name: keras.layers.Activation("relu", name=name),
     "lipswish": lambda name: LipSwish(name=name),
 }
