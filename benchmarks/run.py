@@ -412,9 +412,25 @@ def _phase_profile(cfg: BenchConfig, model, x) -> dict:
     return {"profile_op_types": top, "profile_op_s_per_step": total / cfg.steps}
 
 
+def _phase_roofline(cfg: BenchConfig, model, x) -> dict:
+    """FLOPs of the step and of ``encode``, the matmul peak, the convolutions timed alone
+    (`benchmarks.roofline`)."""
+    import tensorflow as tf
+
+    from benchmarks.roofline import roofline
+    from tf_iresnet.tasks.density import DensityTrainConfig, make_train_step
+
+    step_fn = make_train_step(DensityTrainConfig(preset=cfg.preset, batch_size=cfg.batch_size,
+                                                 seed=cfg.seed))
+    step = tf.constant(0, tf.int64)
+    return {"roofline": roofline(model, x, lambda t: step_fn(model, t, step)[0],
+                                 loop_trips=model.config.n_terms, calls=cfg.steps)}
+
+
 _PHASE_FNS = {"train": _phase_train, "inference": _phase_inference,
               "eval_bpd": _phase_eval_bpd, "inverse": _phase_inverse,
-              "breakdown": _phase_breakdown, "profile": _phase_profile}
+              "breakdown": _phase_breakdown, "profile": _phase_profile,
+              "roofline": _phase_roofline}
 
 
 def run_phase(phase: str, cfg: BenchConfig) -> dict:
