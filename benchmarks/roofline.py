@@ -123,8 +123,9 @@ def _median_seconds(fn, calls: int) -> float:
 
 def matmul_gflop_per_s(n: int = 2048, calls: int = 10) -> float:
     """float32 ``[n, n] x [n, n]`` products per second on all cores, in GFLOP/s."""
-    a = tf.random.stateless_normal([n, n], seed=[1, 2])
-    b = tf.random.stateless_normal([n, n], seed=[3, 4])
+    # Variables, not constants: Grappler would fold a product of constants away.
+    a = tf.Variable(tf.random.stateless_normal([n, n], seed=[1, 2]))
+    b = tf.Variable(tf.random.stateless_normal([n, n], seed=[3, 4]))
     fn = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)[:1, :1]))
     return 2.0 * n**3 / _median_seconds(fn, calls) / 1e9
 
@@ -142,8 +143,8 @@ def _isolated_fn(op, repeats: int):
     raw = getattr(tf.raw_ops, op.type)
     seeds = iter(range(1, 4 * repeats + 1))
 
-    def rand(tensor):
-        return tf.random.stateless_normal(_shape(tensor), seed=[next(seeds), 0])
+    def rand(tensor):  # a variable: Grappler would fold a convolution of constants away
+        return tf.Variable(tf.random.stateless_normal(_shape(tensor), seed=[next(seeds), 0]))
 
     calls = []
     for _ in range(repeats):
