@@ -19,8 +19,8 @@ calls after ``--warmup`` untimed calls; each call ends with a host read of its r
 
 One JSON object per preset and XLA setting goes to stdout (one line each); ``--output``
 also writes them (and the sweep) to a file. ``--sweep`` adds how the training step's time and
-peak memory grow with the number of series terms (plain and Neumann gradient), the blocks per
-scale and the batch size: a table on stderr, a CSV and a PNG chart.
+peak memory grow with the number of series terms (plain, Neumann and recomputed gradient),
+the blocks per scale and the batch size: a table on stderr, a CSV and a PNG chart.
 
 Examples::
 
@@ -51,6 +51,11 @@ RESULT_TAG = "BENCH_PHASE_RESULT "
 SWEEP_TERMS = (2, 5, 10, 20)
 SWEEP_BLOCKS = (1, 2, 4)
 SWEEP_BATCHES = (16, 32, 64)
+# The gradients of the n_terms axis: the plain series, the Neumann gradient, and the plain
+# series with every block recomputed in the backward pass.
+SWEEP_GRADIENTS = {"plain": {"neumann_gradient": False, "recompute": False},
+                   "neumann": {"neumann_gradient": True, "recompute": False},
+                   "recompute": {"neumann_gradient": False, "recompute": True}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -519,13 +524,12 @@ def benchmark(cfg: BenchConfig, phases=PHASES, log=None) -> dict:
 
 
 def sweep(base: BenchConfig, steps: int, log=None) -> list[dict]:
-    """Training-step time and peak memory versus series terms (plain and Neumann gradient),
+    """Training-step time and peak memory versus series terms (plain, Neumann, recompute),
     blocks per scale and batch size; one row per point."""
     points = []
-    for neumann in (False, True):
+    for gradient, overrides in SWEEP_GRADIENTS.items():
         for n in SWEEP_TERMS:
-            points.append(("n_terms", n, {"n_terms": n, "neumann_gradient": neumann},
-                           base.batch_size, "neumann" if neumann else "plain"))
+            points.append(("n_terms", n, {"n_terms": n, **overrides}, base.batch_size, gradient))
     n_scales = len(base.overrides.get("blocks", ())) or 3
     for b in SWEEP_BLOCKS:
         points.append(("blocks_per_scale", b, {"blocks": (b,) * n_scales}, base.batch_size,
@@ -579,7 +583,7 @@ _GLYPHS = {
     "6": "111100111101111", "7": "111001001001001", "8": "111101111101111",
     "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
 }
-COLORS = {"plain": (31, 119, 180), "neumann": (255, 127, 14)}
+COLORS = {"plain": (31, 119, 180), "neumann": (255, 127, 14), "recompute": (44, 160, 44)}
 
 
 def _text(img, x: int, y: int, s: str, scale: int = 2, color=(0, 0, 0)) -> None:
@@ -646,7 +650,7 @@ def _panel(img, left: int, top: int, w: int, h: int, series: dict) -> None:
 
 def sweep_png(rows: list[dict], path: str) -> None:
     """Writes a 2 x 3 grid of line charts: rows = step seconds, peak RSS GB; columns = series
-    terms (blue plain, orange Neumann), blocks per scale, batch size."""
+    terms (blue plain, orange Neumann, green recompute), blocks per scale, batch size."""
     import numpy as np
     import tensorflow as tf
 
@@ -706,7 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inverse_rtol", type=float, default=0.0)
     p.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
                    help="DensityConfig override, e.g. --override=blocks=[1,1,1]")
-    p.add_argument("--sweep", action="store_true", help="also sweep terms, blocks and batch")
+    p.add_argument("--sweep", action="store_true",
+                   help="also sweep terms (plain, Neumann, recompute), blocks and batch")
     p.add_argument("--sweep_steps", type=int, default=5, help="timed steps per sweep point")
     p.add_argument("--sweep_dir", default="benchmarks/results",
                    help="where the sweep CSV and PNG go")

@@ -72,21 +72,21 @@ def test_main_prints_one_json_record_per_preset(tmp_path, capsys):
 
 def test_sweep_outputs(tmp_path):
     rows = []
-    for axis, values, gradients in (("n_terms", run.SWEEP_TERMS, ("plain", "neumann")),
+    for axis, values, gradients in (("n_terms", run.SWEEP_TERMS, tuple(run.SWEEP_GRADIENTS)),
                                     ("blocks_per_scale", run.SWEEP_BLOCKS, ("plain",)),
                                     ("batch_size", run.SWEEP_BATCHES, ("plain",))):
-        for g in gradients:
+        for i, g in enumerate(gradients):  # distinct lines, so none hides another
             for v in values:
                 rows.append({"preset": "p", "xla": True, "axis": axis, "value": v,
-                             "gradient": g, "batch_size": 64, "train_step_s": 0.1 * v,
-                             "train_img_per_s": 640 / v, "train_cpu_s_per_step": 0.2 * v, "peak_rss_gb": 1 + 0.01 * v,
-                             "rss_before_gb": 0.8})
+                             "gradient": g, "batch_size": 64, "train_step_s": 0.1 * v * (i + 1),
+                             "train_img_per_s": 640 / v, "train_cpu_s_per_step": 0.2 * v,
+                             "peak_rss_gb": 1 + 0.01 * v * (i + 1), "rss_before_gb": 0.8})
     png = tmp_path / "sweep.png"
     run.sweep_png(rows, str(png))
     run.write_sweep_csv(rows, str(tmp_path / "sweep.csv"))
     image = tf.io.decode_png(tf.io.read_file(str(png)))
     assert image.shape == (440, 960, 3)
-    assert len(np.unique(image.numpy().reshape(-1, 3), axis=0)) >= 4  # axes, text, 2 lines
+    assert len(np.unique(image.numpy().reshape(-1, 3), axis=0)) >= 5  # axes and text, 3 lines
     assert "n_terms" in run.sweep_table(rows)
     assert os.path.getsize(tmp_path / "sweep.csv") > 0
 

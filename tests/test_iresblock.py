@@ -209,22 +209,34 @@ def test_replicas_of_a_step_draw_the_same_roulette_and_probes():
 
 
 def test_neumann_gradient_value_and_gradient(dense_g):
-    x = tf.random.stateless_normal([16, 4], seed=[8, 8])
-    results = {}
-    for neumann in (False, True):
-        block = InvertibleResidualBlock(dense_g, event_ndims=1, logdet="series", n_terms=20,
-                                        neumann_gradient=neumann, seed=5)
+    # Same probes: the same value. The gradients agree only in expectation over the probes
+    # (for one probe, v^T J^(j) dJ J^(k-1-j) v differs from v^T J^(k-1) dJ v), so both are
+    # compared with the exact log-det's gradient, averaged over 256 probes per example (16
+    # copies of each example in the batch, 16 probes each).
+    x = tf.repeat(tf.random.stateless_normal([16, 4], seed=[8, 8]), 16, axis=0)
+
+    def value_and_grads(**kwargs):
+        block = InvertibleResidualBlock(dense_g, event_ndims=1, seed=5, **kwargs)
         with tf.GradientTape() as tape:
             ldj = block.forward_log_det_jacobian(tf.identity(x), event_ndims=1)
-        grads = tape.gradient(tf.reduce_sum(ldj), dense_g.trainable_variables)
-        results[neumann] = ldj.numpy(), grads
-    # The logged value is the real estimate, identical to the plain series with the same probes.
+            total = tf.reduce_sum(ldj)
+        grads = tape.gradient(total, dense_g.trainable_variables)
+        assert sum(g is not None for g in grads) == 3  # both kernels, the hidden bias
+        return ldj.numpy(), [g for g in grads if g is not None]
+
+    _, exact = value_and_grads(logdet="exact")
+    results = {neumann: value_and_grads(logdet="series", n_terms=20, n_samples=16,
+                                        neumann_gradient=neumann) for neumann in (False, True)}
     np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(results[False][1], results[True][1], strict=True):
-        if a is None:
-            assert b is None
-            continue
-        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0.05, atol=2e-3)
+    for neumann in (False, True):
+        for ours, want in zip(results[neumann][1], exact, strict=True):
+            scale = float(tf.reduce_max(tf.abs(want)))
+            np.testing.assert_allclose(ours.numpy(), want.numpy(), atol=0.1 * scale)
+    # The two estimators differ for a given probe: this test would not tell them apart
+    # if one of them were silently replaced by the other.
+    diff = max(float(tf.reduce_max(tf.abs(a - b)))
+               for a, b in zip(results[False][1], results[True][1], strict=True))
+    assert diff > 1e-4
 
 
 def test_neumann_gradient_with_the_unbiased_estimator():
@@ -412,3 +424,72 @@ def test_forward_and_logdet_under_xla(logdet, conv_g):
     assert not np.array_equal(compiled(x, tf.constant([5, 4]))[1].numpy(), ldj_xla.numpy())
     se = ldj_xla.numpy().std() / np.sqrt(len(ldj_xla))
     assert abs(ldj_xla.numpy().mean() - exact[0]) < 4 * se + 1e-3
+
+
+@pytest.mark.parametrize("logdet,neumann", [("series", False), ("series", True),
+                                            ("unbiased", False), ("exact", False),
+                                            ("none", False)])
+def test_recompute_gives_the_same_values_and_gradients(conv_g, logdet, neumann):
+    x = tf.random.stateless_normal([3, 4, 4, 2], seed=[5, 6])
+
+    @tf.function
+    def value_and_grads(x, recompute):
+        block = InvertibleResidualBlock(conv_g, event_ndims=3, logdet=logdet, n_terms=3,
+                                        neumann_gradient=neumann, recompute=recompute,
+                                        seed=tf.constant([7, 8]))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = block.forward(x)
+            loss = tf.reduce_sum(tf.sin(y))
+            if logdet != "none":
+                loss += tf.reduce_sum(block.forward_log_det_jacobian(x, event_ndims=3))
+        return loss, tape.gradient(loss, [x, *conv_g.trainable_variables])
+
+    plain_loss, plain = value_and_grads(x, False)
+    loss, grads = value_and_grads(x, True)
+    np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+    for a, b in zip(grads, plain, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_recompute_uses_the_forward_passs_probes_when_the_seed_is_none():
+    # g(x) = a x in one dimension, one term: the estimate is a v^2 and its gradient in a is v^2.
+    # A recomputation that drew a fresh probe would return another v'^2.
+    g, _ = _linear_g(eigenvalues=(0.5,))
+    block = InvertibleResidualBlock(g, event_ndims=1, logdet="series", n_terms=1,
+                                    recompute=True)
+
+    @tf.function
+    def value_and_grad(x):
+        with tf.GradientTape() as tape:
+            total = tf.reduce_sum(block.forward_log_det_jacobian(x, event_ndims=1))
+        return total, tape.gradient(total, g.layers[0].kernel)
+
+    for _ in range(3):
+        total, grad = value_and_grad(tf.zeros([6, 1]))
+        np.testing.assert_allclose(grad.numpy().ravel(), [total.numpy() / 0.5], rtol=1e-5)
+
+
+def test_recompute_runs_the_power_iteration_once():
+    results = []
+    for recompute in (False, True):
+        tf.keras.utils.set_random_seed(0)
+        g = tf_iresnet.conv_branch((4, 4, 2), 4, coeff=0.9)  # fresh u, v: every iteration moves them
+        block = InvertibleResidualBlock(g, event_ndims=3, logdet="series", n_terms=2,
+                                        recompute=recompute, training=True, seed=3)
+
+        @tf.function
+        def value_and_grads(x, g=g, block=block):
+            with tf.GradientTape() as tape:
+                ldj = block.forward_log_det_jacobian(x, event_ndims=3)
+                total = tf.reduce_sum(ldj)
+            return ldj, tape.gradient(total, g.trainable_variables)
+
+        ldj, grads = value_and_grads(tf.random.stateless_normal([2, 4, 4, 2], seed=[1, 1]))
+        state = [w.numpy() for w in g.non_trainable_weights]
+        # The last bias does not enter the Jacobian: no gradient, with or without recompute.
+        results.append((ldj.numpy(), [0.0 if gr is None else gr.numpy() for gr in grads], state))
+    (ldj0, grads0, state0), (ldj1, grads1, state1) = results
+    np.testing.assert_allclose(ldj1, ldj0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads1 + state1, grads0 + state0, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

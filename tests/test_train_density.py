@@ -281,3 +281,18 @@ def test_bad_flags_are_refused(args, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_recompute_trains_identically_under_mirrored_xla(tmp_path):
+    # Gradient checkpointing changes where the block is computed, not what: the same losses,
+    # with the train step XLA-compiled on two replicas.
+    losses = {}
+    for recompute in (False, True):
+        cfg = DensityTrainConfig(
+            dataset="digits", preset="digits_density", model_dir=str(tmp_path / f"r{recompute}"),
+            export_dir=str(tmp_path / f"e{recompute}"), batch_size=32, train_steps=3,
+            eval_every=3, checkpoint_every=0, strategy="mirrored",
+            model_overrides={"blocks": (1, 1), "hidden_channels": 8, "recompute": recompute},
+            **{**FAST, "jit_compile": True, "eval_examples": 32})
+        losses[recompute] = train_density(cfg)["loss"]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)

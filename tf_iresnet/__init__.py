@@ -8,7 +8,7 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from tf_iresnet.activations import LipSwish  # noqa: E402
+from tf_iresnet.activations import ELU, LipSwish  # noqa: E402
 from tf_iresnet.bijectors import (  # noqa: E402
     ActNorm,
     ActNormState,
@@ -20,6 +20,7 @@ from tf_iresnet.bijectors import (  # noqa: E402
 )
 from tf_iresnet.fixed_point import InverseNotConvergedError, solve_fixed_point  # noqa: E402
 from tf_iresnet.logdet import LogDetConfig  # noqa: E402
+from tf_iresnet.recompute import recompute_gradient  # noqa: E402
 from tf_iresnet.residual import conv_branch, dense_branch  # noqa: E402
 from tf_iresnet.spectral_norm import (  # noqa: E402
     SpectralNormalization,
@@ -31,6 +32,7 @@ from tf_iresnet.spectral_norm import (  # noqa: E402
 __all__ = [
     "ActNorm",
     "ActNormState",
+    "ELU",
     "InverseNotConvergedError",
     "InvertibleResidualBlock",
     "LipSwish",
@@ -44,6 +46,7 @@ __all__ = [
     "dense_branch",
     "lipschitz_report",
     "logit_preprocessing",
+    "recompute_gradient",
     "solve_fixed_point",
     "update_spectral_norms",
 ]

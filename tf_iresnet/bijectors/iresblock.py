@@ -9,7 +9,8 @@ import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import cache_util
 
 from tf_iresnet import fixed_point
-from tf_iresnet.logdet import LogDetConfig, residual_and_logdet
+from tf_iresnet.logdet import LogDetConfig, as_stateless_seed, residual_and_logdet
+from tf_iresnet.recompute import recompute_gradient
 
 tfb = tfp.bijectors
 
@@ -86,6 +87,7 @@ class InvertibleResidualBlock(tfb.Bijector):
         roulette_param: float = 0.5,
         max_roulette_terms: int = 30,
         neumann_gradient: bool = False,
+        recompute: bool = False,
         training: bool = False,
         seed=None,
         inverse_solver: str = "fixed_point",
@@ -112,6 +114,10 @@ class InvertibleResidualBlock(tfb.Bijector):
           max_roulette_terms: cap on the extra terms (``P(N > 30) < 1e-9`` at the default).
           neumann_gradient: memory-saving gradient whose memory does not grow with the number
             of terms; the returned log-det value is unchanged.
+          recompute: keep only the block's input for the backward pass and recompute g and the
+            log-det there (`tf_iresnet.recompute.recompute_gradient`): same values and
+            gradients, the memory of one block instead of all inside a `tf.function`, one more
+            forward pass with log-det per block.
           training: passed to ``residual_fn`` on the forward pass (spectral normalization runs
             its power iteration when True). The inverse always evaluates g with False.
           seed: stateless seed (int or shape-[2] int tensor) for probes and roulette; ``None``
@@ -155,6 +161,7 @@ class InvertibleResidualBlock(tfb.Bijector):
             max_roulette_terms=max_roulette_terms, neumann_gradient=neumann_gradient,
         )
         self._residual_fn = residual_fn
+        self._recompute = bool(recompute)
         self._event_ndims = event_ndims
         self._training = bool(training)
         self._seed = seed
@@ -229,9 +236,24 @@ class InvertibleResidualBlock(tfb.Bijector):
 
     def _augmented_forward(self, x):
         flat, batch_shape = self._flatten_batch(x)
-        gx, ldj = residual_and_logdet(
-            lambda t: self._g(t, self._training), flat, self._config, seed=self._seed
-        )
+        if not self._recompute:
+            gx, ldj = residual_and_logdet(
+                lambda t: self._g(t, self._training), flat, self._config, seed=self._seed
+            )
+        else:
+            # One seed for both passes (a None seed would draw anew when recomputing), and no
+            # second power iteration: the recomputation reads the u, v the forward stored.
+            seed = as_stateless_seed(self._seed)
+
+            def residual(training):
+                def fn(t):
+                    gx, ldj = residual_and_logdet(
+                        lambda s: self._g(s, training), t, self._config, seed=seed)
+                    return gx if ldj is None else (gx, ldj)
+                return fn
+
+            out = recompute_gradient(residual(self._training), residual(False))(flat)
+            gx, ldj = (out, None) if self._config.method == "none" else out
         y = self._unflatten(flat + gx, batch_shape, event=True)
         if ldj is None:
             return y, {}

@@ -54,6 +54,9 @@ class DensityConfig:
       prior: ``"learned"`` (diagonal Gaussian with trained mean and scale) or ``"fixed"`` N(0, I).
       logdet: training estimator (``"series"``, ``"unbiased"``, ``"exact"``).
       n_terms, n_samples, n_exact_terms, neumann_gradient: training estimator settings.
+      recompute: recompute every residual block in the training step's backward pass instead
+        of keeping its intermediates (gradient checkpointing; same values and gradients, less
+        memory, more time: see ``benchmarks/README.md``).
       probe: Hutchinson probe distribution of every estimate, ``"gaussian"`` or
         ``"rademacher"``.
       eval_logdet: estimator for evaluation and export (``"exact"`` for small events).
@@ -83,6 +86,7 @@ class DensityConfig:
     n_samples: int = 1
     n_exact_terms: int = 2
     neumann_gradient: bool = False
+    recompute: bool = False
     probe: str = "gaussian"
     eval_logdet: str = "series"
     eval_n_terms: int = 20
@@ -214,7 +218,7 @@ class IResNetFlow(keras.Model):
         if mode == "train":
             return dict(logdet=c.logdet, n_terms=c.n_terms, n_samples=c.n_samples,
                         n_exact_terms=c.n_exact_terms, neumann_gradient=c.neumann_gradient,
-                        probe=c.probe)
+                        recompute=c.recompute, probe=c.probe)
         if mode == "eval":
             return dict(logdet=c.eval_logdet, n_terms=c.eval_n_terms, n_samples=c.eval_n_samples,
                         probe=c.probe)
