@@ -157,6 +157,18 @@ def _setup(cfg: BenchConfig):
     return model, x
 
 
+def _live_tensor_peak_gb(fn) -> tuple[float, float]:
+    """``(live before, peak during one call of fn)`` of TensorFlow's CPU allocator, in GB:
+    the tensors themselves, without the runtime, oneDNN's primitive caches and the memory the
+    C allocator keeps after a free (which the resident size includes)."""
+    import tensorflow as tf
+
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    float(fn())
+    return before / 1e9, tf.config.experimental.get_memory_info("CPU:0")["peak"] / 1e9
+
+
 def _time_calls(fn, steps: int, warmup: int) -> tuple[float, list[float], float]:
     """``(median seconds, all timed seconds, seconds of the first call)``; every call's
     result is read back to the host, so the time includes the whole computation. The median
@@ -227,8 +239,10 @@ def _phase_train(cfg: BenchConfig, model, x) -> dict:
 
             call = tf.function(fused, jit_compile=cfg.xla)
         median, times, first = _time_calls(call, cfg.steps, cfg.warmup)
+        base, live = _live_tensor_peak_gb(call)
         loss = float(call())
     return {"train_step_s": median, "train_img_per_s": cfg.batch_size / median,
+            "train_live_tensors_before_gb": base, "train_live_tensor_peak_gb": live,
             "train_cpu_s_per_step": _LAST_CPU_S[0],
             "train_step_times_s": times, "train_first_call_s": first, "train_loss_bpd": loss}
 
