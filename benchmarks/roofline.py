@@ -22,8 +22,6 @@ ceiling cannot be met by any implementation that does these FLOPs in float32 on 
 from __future__ import annotations
 
 import collections
-import statistics
-import time
 
 import numpy as np
 import tensorflow as tf
@@ -112,13 +110,10 @@ def count_flops(concrete_fn, loop_trips: int = 1) -> dict:
 
 
 def _median_seconds(fn, calls: int) -> float:
-    fn().numpy()  # trace and warm up
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn().numpy()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall time of ``calls`` calls after one untimed (tracing) call."""
+    from benchmarks.run import _time_calls
+
+    return _time_calls(fn, calls, warmup=1)[0]
 
 
 def matmul_gflop_per_s(n: int = 2048, calls: int = 10) -> float:

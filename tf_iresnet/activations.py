@@ -35,16 +35,15 @@ class ELU(keras.layers.Layer):
     backward is two multiplications each, and the gradient reaching ``s`` is summed over the
     products before it flows back through ``s(y)`` once. TensorFlow's own ``EluGrad`` is
     differentiated per product instead (``EluGrad``, ``Less``, ``Mul``, ``Select``), and keeps
-    more of its intermediates: on ``bench_cifar_small`` this layer lowers the training step's
-    peak memory from 2.22 to 1.95 GB and raises its throughput by 2% (see
-    ``benchmarks/README.md``). Without a recording tape it is ``tf.nn.elu``.
+    more of its intermediates; ``benchmarks/README.md`` has the measured effect on the training
+    step's time and peak memory. Without a recording tape it is ``tf.nn.elu``.
     """
 
     def call(self, inputs):
         y = tf.nn.elu(inputs)
         if not _tape_is_recording():
             return y
-        slope = tf.where(y > 0, tf.ones_like(y), y + 1.0)
+        slope = tf.where(y > 0, tf.ones([], y.dtype), y + 1.0)
         return _elu_with_slope(inputs, y, slope)
 
     def compute_output_shape(self, input_shape):
