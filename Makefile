@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export KERAS_BACKEND := tensorflow
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test test-other-kernels lint demo bench clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,18 @@ lint: venv
 
 test: lint
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory test-other-kernels
+
+# The kernel-sensitive tests once more on the other CPU kernel set: TensorFlow uses oneDNN by
+# default only on CPUs with AVX-512, and TF_ENABLE_ONEDNN_OPTS flips it either way, so a change
+# that works on one kernel set only cannot pass.
+KERNEL_TESTS := tests/test_spectral_norm.py tests/test_logdet.py tests/test_benchmarks.py
+
+test-other-kernels: venv
+	@on=$$($(PY) -c "from tensorflow.python.util import _pywrap_util_port as p; print(int(p.IsMklEnabled()))" 2>/dev/null) && \
+	flip=$$((1 - on)) && \
+	echo "Kernel tests again with TF_ENABLE_ONEDNN_OPTS=$$flip (oneDNN was $$([ $$on = 1 ] && echo on || echo off))" && \
+	TF_ENABLE_ONEDNN_OPTS=$$flip $(PY) -m pytest -q $(KERNEL_TESTS)
 
 demo: venv
 	$(PY) -m train.density --preset=digits_density

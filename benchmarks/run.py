@@ -157,16 +157,51 @@ def _setup(cfg: BenchConfig):
     return model, x
 
 
-def _live_tensor_peak_gb(fn) -> tuple[float, float]:
-    """``(live before, peak during one call of fn)`` of TensorFlow's CPU allocator, in GB:
-    the tensors themselves, without the runtime, oneDNN's primitive caches and the memory the
-    C allocator keeps after a free (which the resident size includes)."""
+def _live_tensor_peak_gb(fn) -> tuple[float | None, float | None, str | None]:
+    """``(live before, peak during one call of fn, None)`` of TensorFlow's CPU allocator, in
+    GB: the tensors themselves, without the runtime, oneDNN's primitive caches and the memory
+    the C allocator keeps after a free (which the resident size includes).
+
+    Only an allocator that keeps statistics can answer (TF 2.21 on CPU: with oneDNN on, not
+    with TF's plain kernels); otherwise fn still runs once and the result is
+    ``(None, None, reason)``.
+    """
     import tensorflow as tf
 
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    try:
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    except ValueError as err:
+        float(fn())
+        return None, None, f"the CPU allocator keeps no statistics ({kernels()}): {err}"
     float(fn())
-    return before / 1e9, tf.config.experimental.get_memory_info("CPU:0")["peak"] / 1e9
+    return before / 1e9, tf.config.experimental.get_memory_info("CPU:0")["peak"] / 1e9, None
+
+
+def kernels() -> str:
+    """Which CPU kernels TensorFlow runs in this process: ``"oneDNN"`` or ``"plain"``."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "plain"
+
+
+def cpu_description() -> dict:
+    """The CPU's model name and the vector extensions TensorFlow's kernels care about (from
+    ``/proc/cpuinfo``; empty where it does not exist)."""
+    model, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model is None:
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
+              "amx_tile", "asimd", "sve")
+    return {"model": model, "vector_extensions": [f for f in wanted if f in flags]}
 
 
 def _time_calls(fn, steps: int, warmup: int) -> tuple[float, list[float], float]:
@@ -239,10 +274,11 @@ def _phase_train(cfg: BenchConfig, model, x) -> dict:
 
             call = tf.function(fused, jit_compile=cfg.xla)
         median, times, first = _time_calls(call, cfg.steps, cfg.warmup)
-        base, live = _live_tensor_peak_gb(call)
+        base, live, why_not = _live_tensor_peak_gb(call)
         loss = float(call())
     return {"train_step_s": median, "train_img_per_s": cfg.batch_size / median,
             "train_live_tensors_before_gb": base, "train_live_tensor_peak_gb": live,
+            "train_live_tensor_peak_unavailable": why_not,
             "train_cpu_s_per_step": _LAST_CPU_S[0],
             "train_step_times_s": times, "train_first_call_s": first, "train_loss_bpd": loss}
 
@@ -426,9 +462,28 @@ def _phase_profile(cfg: BenchConfig, model, x) -> dict:
                     continue
                 by_type[op_type] += event.duration_ps * 1e-12
     total = sum(by_type.values()) or 1.0
+    by_family = collections.Counter()
+    for op_type, seconds in by_type.items():
+        by_family[op_family(op_type)] += seconds
     top = {k: {"s_per_step": v / cfg.steps, "share": v / total}
-           for k, v in by_type.most_common(15)}
-    return {"profile_op_types": top, "profile_op_s_per_step": total / cfg.steps}
+           for k, v in by_family.most_common(15)}
+    raw = {k: v / cfg.steps for k, v in by_type.most_common(15)}
+    return {"profile_op_types": top, "profile_kernel_names_s_per_step": raw,
+            "profile_op_s_per_step": total / cfg.steps}
+
+
+def op_family(op_type: str) -> str:
+    """The TensorFlow op a kernel name stands for: oneDNN's graph rewrite renames ops
+    (``_MklNativeConv2D``, ``_MklFusedConv2D``, ``_FusedConv2D``, ``_MklNativeFusedMatMul``),
+    so that profiles of the two kernel sets only compare once these names are mapped back."""
+    for prefix in ("_MklNative", "_Mkl"):
+        if op_type.startswith(prefix):
+            op_type = op_type[len(prefix):]
+            break
+    op_type = op_type.removeprefix("_") if op_type.startswith("_Fused") else op_type
+    if op_type.startswith("Fused") and op_type[len("Fused"):].startswith(("Conv", "MatMul")):
+        op_type = op_type[len("Fused"):]
+    return op_type
 
 
 def _phase_roofline(cfg: BenchConfig, model, x) -> dict:
@@ -461,6 +516,7 @@ def run_phase(phase: str, cfg: BenchConfig) -> dict:
     result.setdefault("load_average_1min", {})[phase] = [round(load, 2),
                                                          round(os.getloadavg()[0], 2)]
     result[f"{phase}_peak_rss_gb"] = peak_rss_gb()
+    result["kernels"] = kernels()
     result[f"{phase}_rss_before_gb"] = base
     return result
 
@@ -532,6 +588,9 @@ def benchmark(cfg: BenchConfig, phases=PHASES, log=None) -> dict:
         "train_estimator": "preset's training estimator (series, n_terms/n_samples of the "
                            "preset unless overridden), Adamax, post-step power iterations",
         "dtype": "float32",
+        "kernels": record.pop("kernels", None),
+        "onednn_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+        "cpu": cpu_description(),
         "versions": _versions(),
     }
     return record

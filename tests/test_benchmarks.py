@@ -38,6 +38,14 @@ def test_every_phase_in_process():
         assert inv["converged"] and inv["iterations_max"] >= 1
         assert 0.0 <= inv["inverse_max_err"] < 1e-4
     assert record["eval_estimator"]["mode"] == "train"
+    # The live-tensor peak exists only where the allocator keeps statistics (oneDNN on).
+    assert record["kernels"] in ("oneDNN", "plain")
+    if record["train_live_tensor_peak_gb"] is None:
+        assert record["kernels"] == "plain"
+        assert "keeps no statistics" in record["train_live_tensor_peak_unavailable"]
+    else:
+        assert _positive(record["train_live_tensor_peak_gb"])
+        assert record["train_live_tensor_peak_unavailable"] is None
     # The fused step does the Trainer's computations: same loss after the same updates.
     fused = run.run_phase("train", _tiny(train_step="fused"))
     np.testing.assert_allclose(fused["train_loss_bpd"], record["train_loss_bpd"], rtol=1e-4)
@@ -67,6 +75,8 @@ def test_main_prints_one_json_record_per_preset(tmp_path, capsys):
     assert settings["xla"] is False and settings["batch_size"] == 4
     assert settings["intra_op_threads"] == 1 and settings["inter_op_threads"] == 1
     assert settings["versions"]["tensorflow"] == tf.__version__
+    assert settings["kernels"] == run.kernels()
+    assert isinstance(settings["cpu"]["vector_extensions"], list)
     assert json.loads(out.read_text())["records"] == records
 
 
@@ -138,3 +148,14 @@ def test_roofline_counts_the_flops_of_the_graph(n_terms):
         assert figures["img_per_s_at_matmul_peak"] == pytest.approx(
             4 * record["matmul_gflop_per_s"] / figures["gflop"])
     assert _positive(record["matmul_gflop_per_s"]) and _positive(record["power_iterations_gflop"])
+
+
+def test_op_family_maps_onednn_kernel_names_back():
+    assert run.op_family("_MklNativeConv2D") == "Conv2D"
+    assert run.op_family("_MklConv2DBackpropInput") == "Conv2DBackpropInput"
+    assert run.op_family("_MklNativeFusedConv2D") == "Conv2D"
+    assert run.op_family("_FusedConv2D") == "Conv2D"
+    assert run.op_family("_MklFusedMatMul") == "MatMul"
+    assert run.op_family("Conv2D") == "Conv2D"
+    assert run.op_family("FusedBatchNormV3") == "FusedBatchNormV3"
+    assert run.op_family("_Retval") == "_Retval"

@@ -26,6 +26,7 @@ CONV_CASES = [
     (2, "same", 1),
     (2, "valid", 1),
     (1, "same", 2),
+    (1, "valid", 2),
 ]
 CONV_IDS = [f"s{s}-{p}-d{d}" for s, p, d in CONV_CASES]
 
@@ -302,14 +303,21 @@ def test_state_stays_unit_with_zero_kernel():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["dense", "conv"])
+@pytest.mark.parametrize("kind", ["dense", "conv", "dilated_conv"])
 def test_gradient_flows_through_sigma(kind):
+    """The gradients to the kernel (through sigma too) and to the input, against a plain
+    re-implementation. The dilated case runs on TF's plain CPU kernels, which have no dilated
+    Conv2DBackpropInput (`TF_ENABLE_ONEDNN_OPTS=0`)."""
+    conv_args = {"conv": {"strides": 2}, "dilated_conv": {"dilations": 2}}.get(kind)
     if kind == "dense":
         layer = SpectralNormalization(keras.layers.Dense(5), coeff=COEFF)
         layer.build((None, 6))
         x = tf.random.normal([4, 6])
-    else:
+    elif kind == "conv":
         layer = _conv_sn(2, "same")
+        x = tf.random.normal([2, HW, HW, C_IN])
+    else:
+        layer = _conv_sn(1, "same", 2)
         x = tf.random.normal([2, HW, HW, C_IN])
     _scale_kernel(layer, 5.0)
     layer.lipschitz_estimate(20)
@@ -318,30 +326,33 @@ def test_gradient_flows_through_sigma(kind):
     kernel_var, bias = layer.layer.kernel, layer.layer.bias
 
     with tf.GradientTape() as tape:
+        tape.watch(x)
         loss = tf.reduce_sum(layer(x, training=False) * weights)
-    grad = tape.gradient(loss, kernel_var).numpy()
+    grad, grad_x = (g.numpy() for g in tape.gradient(loss, [kernel_var, x]))
 
     def reference(stop_sigma):
         kernel = tf.Variable(kernel_var.numpy())
         with tf.GradientTape() as tape:
+            tape.watch(x)
             if kind == "dense":
                 sigma = tf.tensordot(v, tf.linalg.matvec(kernel, u), 1)  # v^T W u
             else:
-                sigma = tf.reduce_sum(u * tf.nn.convolution(v, kernel, strides=2, padding="SAME"))
+                sigma = tf.reduce_sum(u * tf.nn.convolution(v, kernel, padding="SAME", **conv_args))
             if stop_sigma:
                 sigma = tf.stop_gradient(sigma)
             w_n = kernel / tf.maximum(1.0, sigma / COEFF)
             if kind == "dense":
                 y = x @ w_n + bias
             else:
-                y = tf.nn.convolution(x, w_n, strides=2, padding="SAME") + bias
+                y = tf.nn.convolution(x, w_n, padding="SAME", **conv_args) + bias
             loss = tf.reduce_sum(y * weights)
-        return tape.gradient(loss, kernel).numpy()
+        return [g.numpy() for g in tape.gradient(loss, [kernel, x])]
 
-    expected = reference(stop_sigma=False)
+    expected, expected_x = reference(stop_sigma=False)
     np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(grad_x, expected_x, rtol=1e-4, atol=1e-5 * np.abs(expected_x).max())
     # The check can fail: without d(sigma)/dW the gradient is visibly different.
-    assert np.abs(grad - reference(stop_sigma=True)).max() > 1e-2 * np.abs(expected).max()
+    assert np.abs(grad - reference(stop_sigma=True)[0]).max() > 1e-2 * np.abs(expected).max()
 
 
 # --------------------------------------------------------------------------------------------

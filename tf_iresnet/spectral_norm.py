@@ -85,10 +85,9 @@ def _matvec(spec: _OperatorSpec, kernel: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
         return tf.linalg.matvec(kernel, v, transpose_a=True)
     return tf.nn.conv2d(
         v,
-        kernel,
+        _dilate_kernel(kernel, spec.dilations),
         strides=[1, *spec.strides, 1],
         padding=spec.padding,
-        dilations=[1, *spec.dilations, 1],
     )
 
 
@@ -97,24 +96,22 @@ def _rmatvec(
 ) -> tf.Tensor:
     """``A^T u``: the adjoint of `_matvec`, so that ``<A v, u> = <v, A^T u>`` for all u, v.
 
-    For a convolution the adjoint is the transposed convolution with the same kernel, strides,
-    padding and dilations; the explicit ``output_shape`` (the shape of v) removes the ambiguity a
-    strided convolution has about its input size, which makes it the exact adjoint.
+    For a convolution the adjoint is the transposed convolution with the same kernel, strides
+    and padding; the explicit ``output_shape`` (the shape of v) removes the ambiguity a strided
+    convolution has about its input size, which makes it the exact adjoint. A dilated kernel is
+    applied as the zero-filled kernel of its effective size (`_dilate_kernel`), in `_matvec`
+    too: TF's plain CPU kernels (without oneDNN) have no dilated ``Conv2DBackpropInput``, and
+    neither the transpose nor the gradient of a dilated ``conv2d`` would run there. The batch-1
+    power iterations hardly notice the zeros.
     """
     if spec.kind == "dense":
         return tf.linalg.matvec(kernel, u)
-    dilations = spec.dilations
-    if dilations != (1, 1) and kernel.dtype not in (tf.float32, tf.bfloat16):
-        # TF's CPU Conv2DBackpropInput supports dilation only for the dtypes oneDNN handles;
-        # the same map is the transposed convolution with the zero-filled (dilated) kernel.
-        kernel, dilations = _dilate_kernel(kernel, dilations), (1, 1)
     return tf.nn.conv2d_transpose(
         u,
-        kernel,
+        _dilate_kernel(kernel, spec.dilations),
         output_shape=v_shape,
         strides=[1, *spec.strides, 1],
         padding=spec.padding,
-        dilations=[1, *dilations, 1],
     )
 
 
@@ -777,12 +774,14 @@ class SpectralNormalization(keras.layers.Layer):
             inputs = tf.cast(inputs, compute_dtype)
         kernel = tf.cast(kernel, compute_dtype)
         if self._is_conv:
-            outputs = tf.nn.conv2d(
+            # tf.nn.convolution runs a dilated convolution as space-to-batch around a plain
+            # one on CPU (as Keras's Conv2D does), so that its gradient exists without oneDNN.
+            outputs = tf.nn.convolution(
                 inputs,
                 kernel,
-                strides=[1, *self._spec.strides, 1],
+                strides=list(self._spec.strides),
                 padding=self._spec.padding,
-                dilations=[1, *self._spec.dilations, 1],
+                dilations=list(self._spec.dilations),
             )
         else:
             outputs = tf.matmul(inputs, kernel)
