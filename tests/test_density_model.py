@@ -110,7 +110,7 @@ def test_gradients_reach_every_weight():
     model = _model(TINY_CONV)
     x = _data(TINY_CONV, 8, seed=3)
     with tf.GradientTape() as tape:
-        log_pz, logdet = model.log_prob_parts(x, mode="train", training=True, seed=[1, 1])
+        log_pz, logdet = model.log_prob_parts(x, mode="train", seed=[1, 1])
         loss = -tf.reduce_mean(log_pz + logdet)
     grads = tape.gradient(loss, model.trainable_weights)
     for w, g in zip(model.trainable_weights, grads, strict=True):

@@ -121,7 +121,7 @@ def test_cli(tmp_path):
     assert "accuracy:" in proc.stdout.split("Training steps 0 -> 3", 1)[1]  # progress bar
     config = read_config(model_dir)
     assert config["train_steps"] == 3 and config["model"]["coeff"] == 0.8
-    assert config["preset"] == "digits_classifier" and config["weight_decay"] == 5e-4
+    assert config["preset"] == "digits_classifier" and config["l2_penalty"] == 5e-4
 
 
 def _parse(args):
@@ -136,7 +136,7 @@ def test_flag_defaults_and_overrides():
     assert (cfg.dataset, cfg.preset, cfg.batch_size) == ("digits", "digits_classifier", 64)
     assert cfg.train_steps == round(30 * 1500 / 64) and cfg.learning_rate == 0.05
     assert cfg.warmup_steps == schedule_steps(cfg.train_steps)[0] > 0
-    assert len(cfg.decay_steps) == 3 and cfg.weight_decay == 5e-4 and not cfg.augment
+    assert len(cfg.decay_steps) == 3 and cfg.l2_penalty == 5e-4 and not cfg.augment
     assert cfg.model_dir == os.path.join("runs", "digits_classifier_digits")
     assert cfg.export_dir == os.path.join("saved_models", "digits_classifier")
     cfg = _parse(["--preset=digits_hybrid", "--epochs=2", "--coeff=0.8", "--batch_size=50",

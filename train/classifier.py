@@ -13,8 +13,8 @@ by `config_from_flags` and resolved into a `ClassifierTrainConfig` (written to
 test evaluation every ``--eval_every`` steps and at the end, then the spectral norms are
 converged and the model is exported.
 
-Optimization follows the official script: SGD with momentum 0.9, weight decay 5e-4 (as an L2
-term in the loss, PyTorch's ``weight_decay``), a linear warm-up over the first 5% of the steps
+Optimization follows the official script: SGD with momentum 0.9, an L2 penalty 5e-4 in the loss
+(``--l2_penalty``, PyTorch's ``weight_decay``), a linear warm-up over the first 5% of the steps
 and the rate multiplied by 0.2 at 30%, 60% and 80% of them: for the paper's 200 CIFAR epochs
 that is warm-up over 10 epochs and decays at epochs 60, 120 and 160. Pad-crop-flip augmentation
 for CIFAR only. Hybrid models (``--hybrid_weight > 0`` or the ``digits_hybrid`` preset) train on
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from tf_iresnet.tasks import run
 from tf_iresnet.tasks.classifier import (
     AUGMENTED_DATASETS,
     DATASET_DEFAULTS,
@@ -49,16 +50,18 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     # Before the common flags: their dataset/preset check also sees --hybrid_weight.
     flags.DEFINE_float("lr", None, "Peak SGD learning rate (default: 0.05 for digits, else "
                        "the paper's 0.1).", flag_values=fv)
-    flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay (the paper's 5e-4).",
-                       lower_bound=0.0, flag_values=fv)
+    flags.DEFINE_float("l2_penalty", run.default(ClassifierTrainConfig, "l2_penalty"),
+                       "Coefficient wd of the L2 term 0.5 * wd * ||w||^2 in the loss (the "
+                       "paper's 5e-4; PyTorch SGD's weight_decay).", lower_bound=0.0,
+                       flag_values=fv)
     flags.DEFINE_float("hybrid_weight", None,
                        "Weight of bits/dim in the loss; > 0 trains a hybrid model (default: "
                        "the preset's; needs an unpadded preset such as digits_hybrid).",
                        lower_bound=0.0, flag_values=fv)
     define_common_flags(
         task="classifier", default_preset="digits_classifier", default_dataset="digits",
-        dataset_names=classifier_datasets(), batch_size=None, eval_every=None,
-        checkpoint_every=None, log_every=10, jit_compile=False,
+        config_type=ClassifierTrainConfig, dataset_names=classifier_datasets(),
+        resolved_by_binary=("batch_size", "eval_every", "checkpoint_every"),
         helps={
             "dataset": "Labelled training data.",
             "export_dir": "SavedModel destination (default saved_models/<preset>; '' skips the "
@@ -110,7 +113,7 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ClassifierTrainConf
         model=resolve_model_config(fv.preset, fv.dataset, overrides),
         model_dir=model_dir, export_dir=export_dir,
         batch_size=batch, train_steps=train_steps, learning_rate=fv.lr or lr,
-        weight_decay=fv.weight_decay, warmup_steps=warmup, decay_steps=decays,
+        l2_penalty=fv.l2_penalty, warmup_steps=warmup, decay_steps=decays,
         augment=fv.dataset in AUGMENTED_DATASETS, strategy=fv.strategy, seed=fv.seed,
         eval_every=eval_every,
         checkpoint_every=eval_every if fv.checkpoint_every is None else fv.checkpoint_every,

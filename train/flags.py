@@ -1,7 +1,9 @@
 """The flags every training binary shares, defined in one place.
 
-Each binary calls `define_common_flags` at import with its task's defaults, then defines its
-own extra flags; only its ``main`` (through ``config_from_flags``) reads them. The flags count
+Each binary has the same shape: ``define_flags(fv)`` calls `define_common_flags` with its
+task's config type (the flags' defaults are that config's field defaults) and defines its own
+extra flags; ``config_from_flags(fv)`` resolves them into the task's config; ``main`` runs it
+through `run_task`. ``define_flags(flags.FLAGS)`` runs at import. The flags count
 as the calling binary's own (this module disclaims them), so ``--help`` lists them as before.
 """
 
@@ -12,7 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from absl import app, flags
 
 from tf_iresnet import datasets, presets
+from tf_iresnet.tasks import run
 from tf_iresnet.tasks.common import ConfigError
+from tf_iresnet.tasks.run import RunConfig
 from tf_iresnet.training import STRATEGY_NAMES
 
 flags.disclaim_key_flags()  # DEFINE_* below are attributed to the binary that calls them
@@ -28,7 +32,8 @@ _HELP = {
     "model_dir": "Run directory (default runs/<preset>_<dataset>).",
     "export_dir": "SavedModel destination (default saved_models/<preset>; '' skips export).",
     "batch_size": "Global batch size.",
-    "train_steps": "Optimizer steps (default 2000; or use --epochs).",
+    "train_steps": "Optimizer steps (default: the task config's, {train_steps}; or use "
+                   "--epochs).",
     "epochs": "Train for this many passes over the training split.",
     "strategy": "tf.distribute strategy.",
     "seed": "Random seed.",
@@ -49,14 +54,9 @@ def define_common_flags(
     task: str,
     default_preset: str,
     default_dataset: str,
+    config_type: type[RunConfig],
     dataset_names: Sequence[str] | None = None,
-    batch_size: int | None = 64,
-    train_steps: int | None = None,
-    epochs: float | None = None,
-    eval_every: int | None = 500,
-    checkpoint_every: int | None = 500,
-    log_every: int = 50,
-    jit_compile: bool = True,
+    resolved_by_binary: Sequence[str] = (),
     helps: Mapping[str, str] | None = None,
     lower_bounds: Mapping[str, float | None] | None = None,
     coeff_message: str = _COEFF_MESSAGE,
@@ -73,9 +73,12 @@ def define_common_flags(
     Args:
       task: the preset kind (`tf_iresnet.presets.kind`) that ``--preset`` offers.
       default_preset, default_dataset: defaults of ``--preset`` and ``--dataset``.
+      config_type: the task's `RunConfig` subclass: the flags' defaults are its fields'
+        defaults (one place for each default). ``--train_steps`` and ``--epochs`` default to
+        None: the binary uses the config's ``train_steps`` when neither is given.
       dataset_names: the choices of ``--dataset`` (default: every dataset).
-      batch_size, train_steps, epochs, eval_every, checkpoint_every, log_every, jit_compile:
-        the flags' defaults (None: the binary resolves a default itself).
+      resolved_by_binary: flags whose default is None because the binary picks one per
+        dataset (e.g. ``batch_size``).
       helps: per flag name, a help text that replaces the default one.
       lower_bounds: per flag name, a lower bound that replaces the default one (None: none).
       coeff_message: the error of a ``--coeff`` outside (0, 1).
@@ -87,7 +90,12 @@ def define_common_flags(
       compatible_flags: the flags ``check_compatible`` sees.
       flag_values: where to define them.
     """
+    def default(name):
+        return None if name in resolved_by_binary else run.default(config_type, name)
+
     helps = {**_HELP, **(helps or {})}
+    helps["train_steps"] = helps["train_steps"].format(
+        train_steps=run.default(config_type, "train_steps"))
     bounds = {**_LOWER_BOUNDS, **(lower_bounds or {})}
     fv = flag_values
 
@@ -103,17 +111,21 @@ def define_common_flags(
     flags.DEFINE_enum("preset", default_preset, preset_names, helps["preset"], flag_values=fv)
     flags.DEFINE_string("model_dir", None, helps["model_dir"], flag_values=fv)
     flags.DEFINE_string("export_dir", None, helps["export_dir"], flag_values=fv)
-    flags.DEFINE_integer("batch_size", batch_size, helps["batch_size"], **kw("batch_size"))
-    flags.DEFINE_integer("train_steps", train_steps, helps["train_steps"], **kw("train_steps"))
-    flags.DEFINE_float("epochs", epochs, helps["epochs"], **kw("epochs"))
-    flags.DEFINE_enum("strategy", "auto", list(STRATEGY_NAMES), helps["strategy"],
+    flags.DEFINE_integer("batch_size", default("batch_size"), helps["batch_size"],
+                         **kw("batch_size"))
+    flags.DEFINE_integer("train_steps", None, helps["train_steps"], **kw("train_steps"))
+    flags.DEFINE_float("epochs", None, helps["epochs"], **kw("epochs"))
+    flags.DEFINE_enum("strategy", default("strategy"), list(STRATEGY_NAMES), helps["strategy"],
                       flag_values=fv)
-    flags.DEFINE_integer("seed", 0, helps["seed"], flag_values=fv)
-    flags.DEFINE_integer("eval_every", eval_every, helps["eval_every"], **kw("eval_every"))
-    flags.DEFINE_integer("checkpoint_every", checkpoint_every, helps["checkpoint_every"],
-                         **kw("checkpoint_every"))
-    flags.DEFINE_integer("log_every", log_every, helps["log_every"], **kw("log_every"))
-    flags.DEFINE_boolean("jit_compile", jit_compile, helps["jit_compile"], flag_values=fv)
+    flags.DEFINE_integer("seed", default("seed"), helps["seed"], flag_values=fv)
+    flags.DEFINE_integer("eval_every", default("eval_every"), helps["eval_every"],
+                         **kw("eval_every"))
+    flags.DEFINE_integer("checkpoint_every", default("checkpoint_every"),
+                         helps["checkpoint_every"], **kw("checkpoint_every"))
+    flags.DEFINE_integer("log_every", default("log_every"), helps["log_every"],
+                         **kw("log_every"))
+    flags.DEFINE_boolean("jit_compile", default("jit_compile"), helps["jit_compile"],
+                         flag_values=fv)
     flags.DEFINE_float("coeff", None, helps["coeff"], **kw("coeff"))
     flags.DEFINE_integer("power_iterations", None, helps["power_iterations"],
                          **kw("power_iterations"))

@@ -1,6 +1,6 @@
 """TFP bijectors of tf-iresnet (views over Keras-owned weights where they have any)."""
 
-from tf_iresnet.bijectors.actnorm import ActNorm, ActNormState
+from tf_iresnet.bijectors.actnorm import ActNorm, ActNormState, data_dependent_init
 from tf_iresnet.bijectors.iresblock import InvertibleResidualBlock
 from tf_iresnet.bijectors.preprocessing import centering, logit_preprocessing
 from tf_iresnet.bijectors.squeeze import Squeeze
@@ -13,5 +13,6 @@ __all__ = [
     "Squeeze",
     "ZeroChannelPad",
     "centering",
+    "data_dependent_init",
     "logit_preprocessing",
 ]

@@ -63,6 +63,7 @@ from tf_iresnet.bijectors import (
     Squeeze,
     ZeroChannelPad,
     centering,
+    data_dependent_init,
 )
 from tf_iresnet.datasets import bits_per_dim
 from tf_iresnet.logdet import METHODS as LOGDET_METHODS
@@ -300,26 +301,27 @@ class IResNetClassifier(keras.Model):
         """Initializes the ActNorms from a batch of images, eagerly; returns whether it did.
 
         A no-op once initialized (e.g. after restoring a checkpoint). Call it before
-        distributed training, outside ``strategy.run`` and with the same batch on every worker:
-        the in-graph initialization of a first forward pass cannot assign mirrored variables
-        from replica context (``merge_call`` inside ``tf.cond``), and the views of an
-        initialized model leave it out (``ActNorm(data_init=False)``).
+        distributed training, outside ``strategy.run`` and with the same batch on every worker;
+        the views never initialize (`tf_iresnet.bijectors.data_dependent_init`).
+
+        Raises:
+          ValueError: the batch gives non-finite statistics.
         """
         if self.initialized:
             return False
-        self.features(images)
+        with data_dependent_init():
+            self.features(images)
         return True
 
     # -- the invertible part ---------------------------------------------------------------
 
-    def bijectors(self, *, training: bool = False, logdet: str = "none", n_terms: int = 5,
+    def bijectors(self, *, logdet: str = "none", n_terms: int = 5,
                   seed=None, inverse_on_failure: str = "raise",
                   inverse_atol: float | None = None, inverse_rtol: float | None = None,
                   inverse_max_iter: int | None = None) -> list:
         """The invertible part as TFP bijector views over this model's weights, in forward order.
 
         Args:
-          training: run the spectral norms' power iteration in the blocks' forward passes.
           logdet: block log-det estimator ("none", "series", "unbiased" or "exact").
           n_terms: series terms.
           seed: None (fresh randomness), or a shape-[2] int tensor split into one stateless
@@ -329,17 +331,13 @@ class IResNetClassifier(keras.Model):
             and budget (e.g. tighter for export).
         """
         cfg = self.config
-        # Once initialized (checked on the variables' values, also while tracing), the views
-        # leave out the initialization, which cannot run inside `strategy.run`.
-        with tf.init_scope():
-            data_init = not self.initialized
         views = [centering()]
         if cfg.pad_channels:
             # Initialized from data, an ActNorm would give the all-zero padding channels the
             # scale 1/eps (1e6), which also multiplies the gradient of their shift; so the
             # first block's ActNorm normalizes the data channels before the padding.
             if cfg.actnorm:
-                views.append(ActNorm(self.actnorm_0, data_init=data_init, name="actnorm_0"))
+                views.append(ActNorm(self.actnorm_0, name="actnorm_0"))
             views.append(ZeroChannelPad(cfg.pad_channels))
         states, branches = self.actnorm_states, self.branches
         block_seeds = (None if seed is None else
@@ -348,9 +346,9 @@ class IResNetClassifier(keras.Model):
             if self._squeeze_first[i]:
                 views.append(Squeeze())
             if cfg.actnorm and not (i == 0 and cfg.pad_channels):
-                views.append(ActNorm(states[i], data_init=data_init, name=f"actnorm_{i}"))
+                views.append(ActNorm(states[i], name=f"actnorm_{i}"))
             views.append(InvertibleResidualBlock(
-                branch, event_ndims=3, logdet=logdet, n_terms=n_terms, training=training,
+                branch, event_ndims=3, logdet=logdet, n_terms=n_terms,
                 seed=None if seed is None else block_seeds[i],
                 inverse_atol=inverse_atol or cfg.inverse_atol,
                 inverse_rtol=inverse_rtol or cfg.inverse_rtol,
@@ -366,14 +364,14 @@ class IResNetClassifier(keras.Model):
         input of `features` instead of inverting)."""
         return tf.identity(tf.convert_to_tensor(t, self.compute_dtype))
 
-    def features(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+    def features(self, x: tf.Tensor) -> tf.Tensor:
         """The invertible part: ``[B, *input_shape] -> [B, *feature_shape]``."""
         x = self._fresh(x)
-        for bijector in self.bijectors(training=training):
+        for bijector in self.bijectors():
             x = bijector.forward(x)
         return x
 
-    def features_and_log_det(self, x: tf.Tensor, *, training: bool = False,
+    def features_and_log_det(self, x: tf.Tensor, *,
                              logdet: str | None = None, n_terms: int | None = None,
                              seed=None) -> tuple[tf.Tensor, tf.Tensor]:
         """``(z, log|det dz/dx|)`` with z ``[B, *feature_shape]`` and the log-det ``[B]``.
@@ -386,7 +384,7 @@ class IResNetClassifier(keras.Model):
         n_terms = n_terms or cfg.eval_n_terms
         x = self._fresh(x)
         total = tf.zeros(tf.shape(x)[:1], x.dtype)
-        for bijector in self.bijectors(training=training, logdet=logdet, n_terms=n_terms,
+        for bijector in self.bijectors(logdet=logdet, n_terms=n_terms,
                                        seed=seed):
             y = bijector.forward(x)
             total += bijector.forward_log_det_jacobian(x, event_ndims=3)
@@ -415,7 +413,7 @@ class IResNetClassifier(keras.Model):
         return self.head_dense(tf.reduce_mean(h, axis=[1, 2]))
 
     def call(self, inputs, training=False):
-        return self.head(self.features(inputs, training=training), training=training)
+        return self.head(self.features(inputs), training=training)
 
     def log_prob_from_features(self, z: tf.Tensor, log_det: tf.Tensor) -> tf.Tensor:
         """``log N(z; 0, I) + log_det``: the log-density of the input, in nats, ``[B]``."""
@@ -461,7 +459,8 @@ def classifier_objective(model: IResNetClassifier, images: tf.Tensor, labels: tf
       model: the classifier.
       images: float32 ``[B, *input_shape]`` in [0, 1] (dequantized for hybrid models).
       labels: int ``[B]``.
-      training: training mode (power iterations, BatchNorm batch statistics).
+      training: training mode (the training estimator, BatchNorm batch statistics); the
+        spectral norms' power iterations run after the update, not here.
       seed: shape-[2] int tensor keying the log-det probes (e.g. ``[run seed, step]``).
 
     Returns:
@@ -474,13 +473,13 @@ def classifier_objective(model: IResNetClassifier, images: tf.Tensor, labels: tf
     if cfg.hybrid:
         logdet, n_terms = (cfg.logdet, cfg.n_terms) if training else (cfg.eval_logdet,
                                                                       cfg.eval_n_terms)
-        z, log_det = model.features_and_log_det(images, training=training, logdet=logdet,
+        z, log_det = model.features_and_log_det(images, logdet=logdet,
                                                 n_terms=n_terms, seed=seed)
         bpd = bits_per_dim(model.log_prob_from_features(z, log_det), cfg.input_shape,
                            cfg.num_levels)
         metrics["bits_per_dim"] = tf.reduce_mean(bpd)
     else:
-        z = model.features(images, training=training)
+        z = model.features(images)
     logits = model.head(z, training=training)
     xent = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
     metrics["xent"] = xent

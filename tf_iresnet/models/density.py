@@ -16,6 +16,7 @@ from tf_iresnet.bijectors import (
     InvertibleResidualBlock,
     Squeeze,
     centering,
+    data_dependent_init,
     logit_preprocessing,
 )
 from tf_iresnet.bijectors.multiscale import MultiScale
@@ -226,17 +227,13 @@ class IResNetFlow(keras.Model):
             return dict(logdet="none")
         raise ValueError(f"mode must be 'train', 'eval' or 'none', got {mode!r}.")
 
-    def bijector(self, *, mode: str = "eval", training: bool = False, seed=None,
-                 data_init: bool = True, **block_kwargs) -> MultiScale:
+    def bijector(self, *, mode: str = "eval", seed=None, **block_kwargs) -> MultiScale:
         """The data-to-latent bijector ``x [*input_shape] -> z [D]`` over the current weights.
 
         Args:
           mode: ``"train"`` (training estimator), ``"eval"`` (evaluation estimator) or
             ``"none"`` (no log-det: encoding and decoding only).
-          training: run the spectral-norm power iterations in the residual branches.
           seed: stateless seed for the log-det estimators (each block gets its own stream).
-          data_init: let uninitialized ActNorms initialize from this batch (turn off inside
-            ``strategy.run``; call ``initialize`` first).
           **block_kwargs: overrides for every ``InvertibleResidualBlock`` (e.g.
             ``inverse_solver="anderson"``, ``inverse_atol=1e-6``).
         """
@@ -258,9 +255,9 @@ class IResNetFlow(keras.Model):
                 i = item[1]
                 if c.actnorm:
                     steps.append(ActNorm(self.actnorms[i], event_ndims=ndims,
-                                         data_init=data_init, name=f"actnorm_{i}"))
+                                         name=f"actnorm_{i}"))
                 steps.append(InvertibleResidualBlock(
-                    self.branches[i], event_ndims=ndims, training=training, seed=seeds[i],
+                    self.branches[i], event_ndims=ndims, seed=seeds[i],
                     name=f"block_{i}", **kwargs))
             scales.append(tfb.Chain(list(reversed(steps)), name=f"scale_{s}"))
         return MultiScale(scales, c.input_shape, factor_out=c.factor_out and c.kind == "conv",
@@ -272,30 +269,36 @@ class IResNetFlow(keras.Model):
             loc=tf.convert_to_tensor(self.prior_loc),
             scale_diag=tf.exp(tf.convert_to_tensor(self.prior_log_scale)))
 
-    def distribution(self, *, mode: str = "eval", training: bool = False, seed=None,
+    def distribution(self, *, mode: str = "eval", seed=None,
                      **block_kwargs) -> tfd.TransformedDistribution:
-        """The model density over data events, ``event_shape = input_shape``."""
-        flow = self.bijector(mode=mode, training=training, seed=seed, **block_kwargs)
+        """The model density over data events, ``event_shape = input_shape``: the prior pushed
+        through the inverse flow. Its ``sample(n, seed=...)`` is the model's sampling path."""
+        flow = self.bijector(mode=mode, seed=seed, **block_kwargs)
         return tfd.TransformedDistribution(self.prior(), tfb.Invert(flow), name="iresnet_flow")
 
     # -- computations ---------------------------------------------------------------------------
 
     def initialize(self, x: tf.Tensor) -> None:
-        """Data-dependent initialization of every ActNorm from the batch ``x`` (run it once,
-        eagerly or in cross-replica context, before distributed training)."""
-        self.bijector(mode="none").forward(x)
+        """Data-dependent initialization of every ActNorm from the batch ``x``: each state is
+        set from the statistics of its own input, in flow order. Run it once, eagerly (in
+        cross-replica context under a strategy), before training; the views never initialize.
 
-    def log_prob_parts(self, x: tf.Tensor, *, mode: str = "train", training: bool = False,
-                       seed=None, data_init: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+        Raises:
+          ValueError: the batch gives non-finite statistics.
+        """
+        with data_dependent_init():
+            self.bijector(mode="none").forward(tf.identity(x))
+
+    def log_prob_parts(self, x: tf.Tensor, *, mode: str = "train",
+                       seed=None) -> tuple[tf.Tensor, tf.Tensor]:
         """``(log p(z), log|det dz/dx|)`` per example, ``[B]`` each, in nats."""
-        flow = self.bijector(mode=mode, training=training, seed=seed, data_init=data_init)
+        flow = self.bijector(mode=mode, seed=seed)
         z = flow.forward(x)
         return self.prior().log_prob(z), flow.forward_log_det_jacobian(
             x, event_ndims=len(self.config.input_shape))
 
     def call(self, x, training=False):
-        log_pz, logdet = self.log_prob_parts(x, mode="train" if training else "eval",
-                                             training=training)
+        log_pz, logdet = self.log_prob_parts(x, mode="train" if training else "eval")
         return log_pz + logdet
 
     def bits_per_dim(self, log_prob: tf.Tensor) -> tf.Tensor:
@@ -318,13 +321,12 @@ class IResNetFlow(keras.Model):
         residual = tf.reduce_max(tf.stack([s.residual for s in stats]))
         return x, iterations, residual
 
-    def sample(self, n: int, seed, temperature: float = 1.0, **block_kwargs) -> tf.Tensor:
-        """``n`` samples ``[n, *input_shape]``: prior draw (stateless ``seed``) then decode
-        (``block_kwargs`` as for `decode`, e.g. ``inverse_on_failure="warn"``)."""
-        prior = self.prior()
-        eps = tf.random.stateless_normal([n, self.config.event_size], seed=seed)
-        z = prior.loc + temperature * eps * prior.scale.diag
-        return self.decode(z, **block_kwargs)
+    def sample(self, n: int, seed, **block_kwargs) -> tf.Tensor:
+        """``n`` samples ``[n, *input_shape]``: ``distribution().sample(n, seed=seed)`` (a
+        prior draw from the stateless ``seed``, then the fixed-point inverse; ``block_kwargs``
+        as for `decode`, e.g. ``inverse_on_failure="warn"``). The export's ``sample`` endpoint
+        takes the same path, so equal seeds give equal images."""
+        return self.distribution(mode="none", **block_kwargs).sample(n, seed=seed)
 
 
 def build_density_model(config: DensityConfig, name: str | None = None) -> IResNetFlow:

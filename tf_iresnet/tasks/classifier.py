@@ -9,8 +9,8 @@ estimates, the reconstruction error of ``invert(features(x))``, images of inputs
 reconstructions), test evaluation every ``eval_every`` steps and at the end, then the spectral
 norms are converged and the model is exported (`tf_iresnet.export.classifier`).
 
-Optimization follows the official script: SGD with momentum 0.9, weight decay 5e-4 (as an L2
-term in the loss, PyTorch's ``weight_decay``), a linear warm-up over the first 5% of the steps
+Optimization follows the official script: SGD with momentum 0.9, an L2 penalty 5e-4 in the
+loss (PyTorch's ``weight_decay``), a linear warm-up over the first 5% of the steps
 and the rate multiplied by 0.2 at 30%, 60% and 80% of them (`schedule_steps`): for the paper's
 200 CIFAR epochs that is warm-up over 10 epochs and decays at epochs 60, 120 and 160.
 Pad-crop-flip augmentation for CIFAR only. Hybrid models (``hybrid_weight > 0``, e.g. the
@@ -23,17 +23,16 @@ from __future__ import annotations
 import dataclasses
 
 import tensorflow as tf
-from absl import logging
 
-from tf_iresnet import datasets, presets
+from tf_iresnet import datasets, lipschitz_report, presets
 from tf_iresnet.export.classifier import export_classifier
 from tf_iresnet.models.classifier import (
     ClassifierConfig,
     build_classifier_model,
     classifier_objective,
 )
-from tf_iresnet.spectral_norm import lipschitz_report
 from tf_iresnet.tasks import common
+from tf_iresnet.tasks.run import RunConfig, Task, run
 from tf_iresnet.training import (
     WarmupSchedule,
     image_summary,
@@ -59,54 +58,33 @@ DATASET_DEFAULTS = {
 AUGMENTED_DATASETS = ("cifar10", "cifar100")  # pad-crop-flip
 
 
-@dataclasses.dataclass(frozen=True)
-class ClassifierTrainConfig:
-    """Everything a classifier run needs (written to ``model_dir/config.json``).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClassifierTrainConfig(RunConfig):
+    """A classifier run: the `RunConfig` fields (defaults below where they differ) and these.
 
     Attributes:
-      dataset: a labelled image dataset of `tf_iresnet.datasets`.
-      preset: a classifier preset of `tf_iresnet.presets`.
       model: the resolved model config (the preset with the run's overrides).
-      model_dir: checkpoints, config.json, results.json and TensorBoard logs.
-      export_dir: SavedModel destination ('' skips the export).
-      batch_size: global batch size (split over the replicas).
-      train_steps: optimizer steps in total (a resumed run continues up to it).
-      learning_rate: peak SGD learning rate, reached at the end of the warm-up.
       momentum: SGD momentum.
-      weight_decay: L2 coefficient ``wd``: ``0.5 * wd * ||w||^2`` over all trainable weights
-        is added to the loss (PyTorch SGD's ``weight_decay``, the official script's).
+      l2_penalty: coefficient ``wd`` of the L2 term ``0.5 * wd * ||w||^2`` over all trainable
+        weights added to the loss (PyTorch SGD's ``weight_decay``, the official script's; not
+        the decoupled decay of the density task's ``weight_decay``).
       warmup_steps: linear warm-up length.
       decay_steps: steps from which the rate is multiplied by one more ``decay_factor``.
       decay_factor: the step decay factor.
       augment: pad-crop-flip augmentation (CIFAR only).
-      strategy: `tf_iresnet.training.make_strategy` name.
-      seed: seeds initialization, data order, dequantization noise and log-det probes.
-      eval_every, checkpoint_every, log_every: intervals in steps (0: only at the end).
       num_images: images in the TensorBoard input / reconstruction grids.
-      jit_compile: XLA-compile the forward and backward pass.
     """
 
-    dataset: str
-    preset: str
     model: ClassifierConfig
-    model_dir: str
-    export_dir: str = ""
-    batch_size: int = 64
-    train_steps: int = 1000
     learning_rate: float = 0.1
+    log_every: int = 10
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    l2_penalty: float = 5e-4
     warmup_steps: int = 0
     decay_steps: tuple[int, ...] = ()
     decay_factor: float = DECAY_FACTOR
     augment: bool = False
-    strategy: str = "auto"
-    seed: int = 0
-    eval_every: int = 0
-    checkpoint_every: int = 1000
-    log_every: int = 10
     num_images: int = 64
-    jit_compile: bool = False
 
 
 def schedule_steps(train_steps: int) -> tuple[int, tuple[int, ...]]:
@@ -158,9 +136,9 @@ def make_train_step(cfg: ClassifierTrainConfig):
         images, labels = batch
         loss, metrics = classifier_objective(model, images, labels, training=True,
                                              seed=common.step_seed(cfg.seed, step))
-        if cfg.weight_decay:
+        if cfg.l2_penalty:
             l2 = tf.add_n([tf.reduce_sum(tf.square(v)) for v in model.trainable_variables])
-            loss = loss + 0.5 * cfg.weight_decay * l2
+            loss = loss + 0.5 * cfg.l2_penalty * l2
         return loss, metrics
 
     return train_step
@@ -222,43 +200,61 @@ class Evaluator:
         return results
 
 
+class ClassifierTask(Task):
+    """Training of an `IResNetClassifier` (see the module docstring)."""
+
+    config_type = ClassifierTrainConfig
+
+    def __init__(self, config: ClassifierTrainConfig):
+        super().__init__(config)
+        self._step = make_train_step(config)
+
+    def build_model(self):
+        return build_classifier_model(self.config.model, name=self.config.preset)
+
+    def build_optimizer(self):
+        cfg = self.config
+        schedule = WarmupSchedule(cfg.learning_rate, cfg.warmup_steps,
+                                  boundaries=cfg.decay_steps, factor=cfg.decay_factor)
+        return common.make_optimizer("sgd", schedule, momentum=cfg.momentum)
+
+    def train_data(self):
+        cfg = self.config
+        return datasets.load(
+            cfg.dataset, "train", batch_size=cfg.batch_size, seed=cfg.seed, with_labels=True,
+            augment=cfg.augment, dequantize=cfg.model.hybrid)
+
+    def init_inputs(self, batch):
+        return batch[0]
+
+    def train_step(self, model, batch, step):
+        return self._step(model, batch, step)
+
+    def evaluator(self, model):
+        return Evaluator(model, self.config)
+
+    def report(self, model, evaluator, final: dict) -> dict:
+        """``test_accuracy`` (and ``test_bits_per_dim`` of hybrid models), the reconstruction
+        error of ``invert(features(x))`` and the parameter count."""
+        out = {"test_accuracy": final["accuracy"],
+               "reconstruction_max_abs_error": final["reconstruction_max_abs_error"],
+               "trainable_parameters": model.num_trainable_parameters}
+        if self.config.model.hybrid:
+            out["test_bits_per_dim"] = final["bits_per_dim"]
+        return out
+
+    def export(self, model, export_dir: str) -> None:
+        export_classifier(model, export_dir, converge=False)
+
+
 def train_classifier(cfg: ClassifierTrainConfig) -> dict:
-    """Trains, evaluates, converges the spectral norms and exports; returns the results.
+    """Trains, evaluates, converges the spectral norms and exports
+    (`tf_iresnet.tasks.run.run`); returns the results.
 
     Returns:
-      The loop's last logs, ``test_accuracy`` (and ``test_bits_per_dim`` for hybrid models)
-      of the final, converged model, ``reconstruction_max_abs_error``, the parameter count and
-      ``export_dir`` when exported. Also written to ``model_dir/results.json`` by the chief.
+      The loop's last logs, ``final/<metric>``, ``test_accuracy`` (and ``test_bits_per_dim``
+      for hybrid models) of the final, converged model, ``reconstruction_max_abs_error``, the
+      parameter count and ``export_dir`` when exported. Also written to
+      ``model_dir/results.json`` by the chief.
     """
-    strategy = common.start_run(cfg.strategy, cfg.seed, cfg.batch_size)
-    with strategy.scope():
-        model = build_classifier_model(cfg.model, name=cfg.preset)
-        optimizer = common.make_optimizer(
-            "sgd", WarmupSchedule(cfg.learning_rate, cfg.warmup_steps,
-                                  boundaries=cfg.decay_steps, factor=cfg.decay_factor),
-            momentum=cfg.momentum)  # weight decay: the L2 term of make_train_step
-    train = datasets.load(
-        cfg.dataset, "train", batch_size=cfg.batch_size, seed=cfg.seed, with_labels=True,
-        augment=cfg.augment, dequantize=cfg.model.hybrid)
-    evaluator = Evaluator(model, cfg)
-    trainer = common.make_trainer(
-        cfg, strategy=strategy, model=model, optimizer=optimizer,
-        train_step_fn=make_train_step(cfg), eval_fn=evaluator, config=cfg)
-    trainer.restore()
-    if not model.initialized:  # a fresh run: ActNorm's data-dependent initialization
-        model.initialize(next(iter(train))[0])  # the same batch on every worker
-    results = trainer.train(train)
-    final = common.final_evaluation(trainer, model, evaluator, results)
-    if final is None:
-        return results
-    results["test_accuracy"] = final["accuracy"]
-    if cfg.model.hybrid:
-        results["test_bits_per_dim"] = final["bits_per_dim"]
-    results["reconstruction_max_abs_error"] = final["reconstruction_max_abs_error"]
-    results["trainable_parameters"] = model.num_trainable_parameters
-    if cfg.export_dir:
-        export_classifier(model, cfg.export_dir, converge=False)
-        results["export_dir"] = cfg.export_dir
-        logging.info("Exported SavedModel to %s", cfg.export_dir)
-    common.write_results(cfg.model_dir, results)
-    return results
+    return run(ClassifierTask(cfg))

@@ -1,8 +1,9 @@
-"""Pieces every task shares: run directories, epochs to steps, strategy set-up, optimizers.
+"""Helpers the tasks share: run directories, epochs to steps, strategy set-up, optimizers,
+preset resolution, results.
 
 The binaries in `train/` use `run_dirs` and `steps_for_epochs` to resolve their flags into a
-task config; the tasks (`tf_iresnet.tasks.density`, `tf_iresnet.tasks.classifier`) use the
-rest. Nothing here reads flags.
+task config; the run driver (`tf_iresnet.tasks.run`) and the tasks use the rest. Nothing here
+reads flags.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import keras
 import tensorflow as tf
 
 from tf_iresnet import datasets, presets
-from tf_iresnet.spectral_norm import converge_spectral_norms
-from tf_iresnet.training import Trainer, make_strategy
+from tf_iresnet.training import make_strategy
 
 OPTIMIZERS = ("adamax", "adam", "sgd")
 
@@ -132,35 +132,3 @@ def with_dataset_levels(model_cfg, dataset: str):
     if spec.num_levels != model_cfg.num_levels:
         model_cfg = dataclasses.replace(model_cfg, num_levels=spec.num_levels)
     return model_cfg
-
-
-def make_trainer(cfg, *, strategy, model, optimizer, train_step_fn, eval_fn,
-                 **kwargs) -> Trainer:
-    """The `Trainer` of a task config: its ``model_dir``, ``train_steps``, intervals and
-    ``jit_compile``; ``kwargs`` (``post_step_fn``, ``config``) go to `Trainer` as they are."""
-    return Trainer(
-        strategy=strategy, model=model, optimizer=optimizer, train_step_fn=train_step_fn,
-        model_dir=cfg.model_dir, total_steps=cfg.train_steps, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, eval_fn=eval_fn,
-        jit_compile=cfg.jit_compile, **kwargs)
-
-
-def final_evaluation(trainer: Trainer, model: keras.Model, evaluate, results: dict):
-    """The figures of the model that gets exported, on every run (a resumed run that had
-    nothing left to train included).
-
-    Adds ``num_replicas`` and ``step`` to ``results``; on the chief, also converges the
-    spectral norms (the exported model is the converged one), evaluates that model with
-    ``evaluate(step)`` and adds its metrics as ``final/<name>``.
-
-    Returns:
-      The final metrics on the chief; None on the other workers.
-    """
-    results["num_replicas"] = trainer.strategy.num_replicas_in_sync
-    results["step"] = trainer.step
-    if not trainer.is_chief:
-        return None
-    converge_spectral_norms(model)
-    final = evaluate(trainer.step)
-    results.update({f"final/{k}": v for k, v in final.items()})
-    return final

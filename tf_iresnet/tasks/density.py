@@ -1,9 +1,10 @@
 """Maximum-likelihood training of an i-ResNet density model, end to end.
 
 ``train_density(config)`` is what ``python -m train.density`` runs after parsing its flags:
-data pipeline, model under the chosen ``tf.distribute`` strategy, the custom training loop
-(``tf_iresnet.training.Trainer``), TensorBoard logs, evaluation on the test split at a set
-interval, checkpoints and resumption, a sample grid and the SavedModel export.
+`DensityTask` provides the model, the Adamax optimizer with warm-up, the data, the step (mean
+bits/dim), the evaluator (test bits/dim, reconstructions, Lipschitz estimates, samples), the
+sample grid and the SavedModel export; `tf_iresnet.tasks.run.run` does the rest (strategy,
+ActNorm init, the loop with checkpoints and resumption, TensorBoard logs, final evaluation).
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
-from tf_iresnet import datasets
+from tf_iresnet import datasets, lipschitz_report
 from tf_iresnet.export.density import export_density_model
 from tf_iresnet.models.density import DensityConfig, IResNetFlow
-from tf_iresnet.spectral_norm import lipschitz_report, update_spectral_norms
 from tf_iresnet.tasks import common
 from tf_iresnet.tasks.common import OPTIMIZERS as OPTIMIZERS  # re-exported for train.density
+from tf_iresnet.tasks.run import RunConfig, Task, run
 from tf_iresnet.training import (
     WarmupSchedule,
     image_summary,
@@ -42,48 +42,30 @@ def data_defaults(dataset: str) -> tuple[int, float]:
     return _DATA_DEFAULTS[datasets.spec(dataset).kind]
 
 
-@dataclasses.dataclass(frozen=True)
-class DensityTrainConfig:
-    """Everything a density run needs (written to ``model_dir/config.json``).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DensityTrainConfig(RunConfig):
+    """A density run: the `RunConfig` fields (defaults below where they differ) and these.
 
     Attributes:
-      dataset: a ``tf_iresnet.datasets`` name.
-      preset: a ``tf_iresnet.presets`` density preset.
-      model_dir: checkpoints, config and TensorBoard logs.
-      export_dir: SavedModel destination ('' to skip the export).
-      batch_size: global batch size (split over replicas).
-      train_steps: optimizer steps in total (resumed runs continue up to it).
       optimizer: ``adamax`` (the paper's), ``adam`` or ``sgd``.
-      learning_rate: peak learning rate, reached at the end of the warm-up.
-      warmup_steps: linear warm-up length in steps.
-      weight_decay: decoupled weight decay (0 for none).
-      strategy: ``tf_iresnet.training.make_strategy`` name.
-      seed: seeds data order, dequantization noise, estimator probes and initialization.
-      eval_every, checkpoint_every, log_every: intervals in steps.
+      warmup_steps: linear learning-rate warm-up length in steps.
+      weight_decay: decoupled weight decay (Keras optimizers' ``weight_decay``; 0 for none).
       eval_examples: test examples per evaluation (0: the whole split).
       num_samples: samples in the final PNG grid and TensorBoard images.
-      jit_compile: XLA-compile the forward and backward pass.
-      model_overrides: DensityConfig fields replaced in the preset (estimator, coeff, ...).
+      model_overrides: `DensityConfig` fields replaced in the preset (estimator, coeff, ...).
     """
 
     dataset: str = "digits"
     preset: str = "digits_density"
-    model_dir: str = "runs/digits_density"
+    model_dir: str = "runs/digits_density_digits"
     export_dir: str = "saved_models/digits_density"
-    batch_size: int = 64
-    train_steps: int = 1000
-    optimizer: str = "adamax"
     learning_rate: float = 3e-3
+    jit_compile: bool = True
+    optimizer: str = "adamax"
     warmup_steps: int = 100
     weight_decay: float = 0.0
-    strategy: str = "auto"
-    seed: int = 0
-    eval_every: int = 250
-    checkpoint_every: int = 250
-    log_every: int = 25
     eval_examples: int = 2000
     num_samples: int = 64
-    jit_compile: bool = False
     model_overrides: dict = dataclasses.field(default_factory=dict)
 
 
@@ -101,6 +83,7 @@ def model_config(cfg: DensityTrainConfig) -> DensityConfig:
 
 
 def make_optimizer(cfg: DensityTrainConfig) -> keras.optimizers.Optimizer:
+    """The run's optimizer with its linear warm-up."""
     return common.make_optimizer(cfg.optimizer, WarmupSchedule(cfg.learning_rate,
                                                                cfg.warmup_steps),
                                  weight_decay=cfg.weight_decay)
@@ -111,10 +94,8 @@ def make_train_step(cfg: DensityTrainConfig):
 
     def train_step(model: IResNetFlow, x, step):
         # One seed per step, equal on every replica: the same roulette count everywhere.
-        # Spectral-norm power iterations run after the update (power_iteration_step), so the
-        # forward pass itself assigns no variables.
-        log_pz, logdet = model.log_prob_parts(x, mode="train", training=False,
-                                              seed=common.step_seed(cfg.seed, step), data_init=False)
+        log_pz, logdet = model.log_prob_parts(x, mode="train",
+                                              seed=common.step_seed(cfg.seed, step))
         bpd = model.bits_per_dim(log_pz + logdet)
         d = float(model.config.event_size)
         return tf.reduce_mean(bpd), {
@@ -124,12 +105,6 @@ def make_train_step(cfg: DensityTrainConfig):
         }
 
     return train_step
-
-
-def power_iteration_step(model: IResNetFlow, step) -> None:
-    """After each update: ``power_iterations`` power iterations on every normalized layer."""
-    del step
-    update_spectral_norms(model)
 
 
 class Evaluator:
@@ -216,54 +191,61 @@ def histogram_image(points: np.ndarray, size: int = 128, bound: float = 4.0) -> 
     return (h / max(h.max(), 1.0))[..., None].astype("float32")
 
 
+class DensityTask(Task):
+    """Maximum-likelihood training of an `IResNetFlow` (see the module docstring)."""
+
+    config_type = DensityTrainConfig
+
+    def __init__(self, config: DensityTrainConfig):
+        super().__init__(config)
+        self.model_config = model_config(config)  # ConfigError before any strategy exists
+        self.spec = datasets.spec(config.dataset)
+        self._step = make_train_step(config)
+
+    def build_model(self) -> IResNetFlow:
+        return IResNetFlow(self.model_config, name=self.config.preset)
+
+    def build_optimizer(self) -> keras.optimizers.Optimizer:
+        return make_optimizer(self.config)
+
+    def train_data(self) -> tf.data.Dataset:
+        cfg = self.config
+        return datasets.load(cfg.dataset, "train", batch_size=cfg.batch_size, seed=cfg.seed)
+
+    def train_step(self, model: IResNetFlow, batch, step):
+        return self._step(model, batch, step)
+
+    def evaluator(self, model: IResNetFlow) -> Evaluator:
+        return Evaluator(model, self.config)
+
+    def report(self, model: IResNetFlow, evaluator: Evaluator, final: dict) -> dict:
+        """``test_bits_per_dim`` and the sample grid ``samples.png`` (and, for 2-D data, the
+        density heat map ``density.png``)."""
+        cfg = self.config
+        grid_path = os.path.join(cfg.model_dir, "samples.png")
+        n = cfg.num_samples
+        if self.spec.kind == "image":
+            samples = tf.clip_by_value(model.sample(n, seed=(cfg.seed, 0)), 0.0, 1.0)
+            if samples.shape[1] < 32:  # upscale tiny images (digits are 8x8) to be visible
+                factor = 32 // samples.shape[1]
+                samples = tf.repeat(tf.repeat(samples, factor, axis=1), factor, axis=2)
+            save_image_grid(samples, grid_path, nrow=int(math.ceil(math.sqrt(n))))
+        else:
+            samples = model.sample(5000, seed=(cfg.seed, 0)).numpy()
+            save_image_grid(histogram_image(samples)[None], grid_path, nrow=1)
+            save_image_grid(evaluator.density_heatmap()[None],
+                            os.path.join(cfg.model_dir, "density.png"), nrow=1)
+        return {"test_bits_per_dim": final["bits_per_dim"], "samples_png": grid_path}
+
+    def export(self, model: IResNetFlow, export_dir: str) -> None:
+        export_density_model(model, export_dir, converge=False)
+
+
 def train_density(cfg: DensityTrainConfig) -> dict[str, float]:
-    """Trains, evaluates, saves samples and exports; returns the final metrics.
+    """Trains, evaluates, saves samples and exports (`tf_iresnet.tasks.run.run`).
 
     Returns:
-      The trainer's last logs plus ``test_bits_per_dim`` and ``export_dir``.
+      The run's results: the loop's last logs, ``final/<metric>``, ``test_bits_per_dim``,
+      ``samples_png`` and ``export_dir`` (on the chief).
     """
-    strategy = common.start_run(cfg.strategy, cfg.seed, cfg.batch_size)
-    model_cfg = model_config(cfg)
-    spec = datasets.spec(cfg.dataset)
-    with strategy.scope():
-        model = IResNetFlow(model_cfg, name=cfg.preset)
-        optimizer = make_optimizer(cfg)
-    train = datasets.load(cfg.dataset, "train", batch_size=cfg.batch_size, seed=cfg.seed)
-    evaluator = Evaluator(model, cfg)
-    trainer = common.make_trainer(
-        cfg, strategy=strategy, model=model, optimizer=optimizer,
-        train_step_fn=make_train_step(cfg), eval_fn=evaluator,
-        post_step_fn=power_iteration_step,
-        config={**dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)},
-    )
-    if trainer.restore() == 0:
-        # ActNorm's data-dependent init, once, in cross-replica context (see ActNormState).
-        model.initialize(next(iter(train.take(1))))
-    results = trainer.train(train)
-    # Every worker prints it: replicas and workers must end with identical weights.
-    checksum = float(sum(tf.reduce_sum(tf.cast(w, tf.float64)) for w in model.weights))
-    print(f"final weights checksum: {checksum:.10e}")
-    final = common.final_evaluation(trainer, model, evaluator, results)
-    if final is None:
-        return results
-    results["test_bits_per_dim"] = final["bits_per_dim"]
-    grid_path = os.path.join(cfg.model_dir, "samples.png")
-    n = cfg.num_samples
-    if spec.kind == "image":
-        samples = tf.clip_by_value(model.sample(n, seed=(cfg.seed, 0)), 0.0, 1.0)
-        if samples.shape[1] < 32:  # upscale tiny images (digits are 8x8) to be visible
-            factor = 32 // samples.shape[1]
-            samples = tf.repeat(tf.repeat(samples, factor, axis=1), factor, axis=2)
-        save_image_grid(samples, grid_path, nrow=int(math.ceil(math.sqrt(n))))
-    else:
-        samples = model.sample(5000, seed=(cfg.seed, 0)).numpy()
-        save_image_grid(histogram_image(samples)[None], grid_path, nrow=1)
-        save_image_grid(evaluator.density_heatmap()[None],
-                        os.path.join(cfg.model_dir, "density.png"), nrow=1)
-    results["samples_png"] = grid_path
-    if cfg.export_dir:
-        export_density_model(model, cfg.export_dir, converge=False)
-        results["export_dir"] = cfg.export_dir
-        logging.info("Exported SavedModel to %s", cfg.export_dir)
-    common.write_results(cfg.model_dir, results)
-    return results
+    return run(DensityTask(cfg))

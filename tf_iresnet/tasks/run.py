@@ -1,0 +1,177 @@
+"""One run driver for every training task, and the configuration fields all runs share.
+
+A run is always the same sequence: make the strategy and seed everything, build the model and
+the optimizer under the strategy, restore the newest checkpoint (or, on a fresh run,
+initialize the ActNorms from the first batch, explicitly and once), train with the custom loop,
+converge the spectral norms and evaluate the model that gets exported, write the task's extra
+outputs, export, write ``results.json``. `run` does exactly that; a `Task` provides only what
+differs between tasks (model, optimizer, data, step function, post-step, evaluator, report,
+export), and its config extends `RunConfig` with the task's own fields.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tf_iresnet import converge_spectral_norms, update_spectral_norms
+from tf_iresnet.tasks import common
+from tf_iresnet.training import Trainer
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The fields every training run has (written to ``model_dir/config.json``).
+
+    A task's config subclasses it, adds its own fields and may give a field another default by
+    declaring it again (e.g. the density task compiles with XLA by default). The binaries take
+    their flags' defaults from these fields, so each default lives in one place.
+
+    Attributes:
+      dataset: a `tf_iresnet.datasets` name.
+      preset: a `tf_iresnet.presets` name of the task's kind.
+      model_dir: checkpoints, config.json, results.json and TensorBoard logs.
+      export_dir: SavedModel destination ('' skips the export).
+      batch_size: global batch size (split over the replicas).
+      train_steps: optimizer steps in total (a resumed run continues up to it).
+      learning_rate: peak learning rate, reached at the end of the warm-up.
+      strategy: `tf_iresnet.training.make_strategy` name.
+      seed: seeds initialization, data order, dequantization noise and log-det probes.
+      eval_every, checkpoint_every: intervals in steps (0: only at the end).
+      log_every: steps between TensorBoard/progress-bar updates.
+      jit_compile: XLA-compile the per-replica forward and backward pass.
+    """
+
+    dataset: str
+    preset: str
+    model_dir: str
+    export_dir: str = ""
+    batch_size: int = 64
+    train_steps: int = 2000
+    learning_rate: float = 1e-3
+    strategy: str = "auto"
+    seed: int = 0
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    log_every: int = 50
+    jit_compile: bool = False
+
+
+def default(config_cls: type[RunConfig], field: str) -> Any:
+    """The default of ``field`` in ``config_cls`` (for flags that must agree with it)."""
+    for f in dataclasses.fields(config_cls):
+        if f.name == field:
+            if f.default is dataclasses.MISSING:
+                raise ValueError(f"{config_cls.__name__}.{field} has no default.")
+            return f.default
+    raise ValueError(f"{config_cls.__name__} has no field {field!r}.")
+
+
+class Task(abc.ABC):
+    """What differs between training tasks; `run` does the rest.
+
+    Subclasses set ``config_type`` and implement the abstract methods. The step function and
+    post-step follow `tf_iresnet.training.Trainer`'s contract; `post_step` runs the spectral
+    norms' power iterations after every update (a forward pass never assigns variables).
+    """
+
+    config_type: ClassVar[type[RunConfig]] = RunConfig
+
+    def __init__(self, config: RunConfig):
+        if not isinstance(config, self.config_type):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_type.__name__}, got "
+                            f"{type(config).__name__}.")
+        self.config = config
+
+    @abc.abstractmethod
+    def build_model(self) -> keras.Model:
+        """The model (called under the strategy's scope)."""
+
+    @abc.abstractmethod
+    def build_optimizer(self) -> keras.optimizers.Optimizer:
+        """The optimizer (called under the strategy's scope)."""
+
+    @abc.abstractmethod
+    def train_data(self) -> tf.data.Dataset:
+        """The repeated, batched training stream (global batches)."""
+
+    def init_inputs(self, batch: Any) -> tf.Tensor:
+        """The inputs of a training batch that ActNorm's data-dependent init sees."""
+        return batch
+
+    @abc.abstractmethod
+    def train_step(self, model: keras.Model, batch: Any,
+                   step: tf.Tensor) -> tuple[tf.Tensor, Mapping[str, tf.Tensor]]:
+        """The per-replica ``(loss, metrics)`` of one step (`Trainer`'s contract)."""
+
+    def post_step(self, model: keras.Model, step: tf.Tensor) -> None:
+        """After each update: one round of power iterations on every normalized layer."""
+        del step
+        update_spectral_norms(model)
+
+    @abc.abstractmethod
+    def evaluator(self, model: keras.Model):
+        """``evaluate(step) -> dict of name -> float`` on the test split (chief only)."""
+
+    def report(self, model: keras.Model, evaluator, final: dict) -> dict:
+        """The task's entries of ``results.json`` from the final metrics (chief only); may
+        write files into ``model_dir`` (sample grids)."""
+        del model, evaluator, final
+        return {}
+
+    @abc.abstractmethod
+    def export(self, model: keras.Model, export_dir: str) -> None:
+        """Writes the serving SavedModel of the (converged) model."""
+
+
+def run(task: Task) -> dict:
+    """Runs ``task`` from start (or its newest checkpoint) to the exported model.
+
+    Returns:
+      The loop's last logs, ``num_replicas``, ``step``, the final metrics as ``final/<name>``,
+      the task's report and ``export_dir`` when exported. The chief also writes them to
+      ``model_dir/results.json``; the other workers return after training.
+
+    Raises:
+      common.ConfigError: a configuration that cannot work (unknown strategy, bad
+        ``TF_CONFIG``, a batch that does not split over the replicas, a preset that does not
+        fit the dataset).
+    """
+    cfg = task.config
+    strategy = common.start_run(cfg.strategy, cfg.seed, cfg.batch_size)
+    with strategy.scope():
+        model = task.build_model()
+        optimizer = task.build_optimizer()
+    train = task.train_data()
+    evaluator = task.evaluator(model)
+    trainer = Trainer(
+        strategy=strategy, model=model, optimizer=optimizer, train_step_fn=task.train_step,
+        post_step_fn=task.post_step, model_dir=cfg.model_dir, total_steps=cfg.train_steps,
+        log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+        eval_every=cfg.eval_every, eval_fn=evaluator, jit_compile=cfg.jit_compile,
+        config={**dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config)})
+    if trainer.restore() == 0:
+        # ActNorm's data-dependent init: once, eagerly, in cross-replica context, from the same
+        # first batch on every worker.
+        model.initialize(task.init_inputs(next(iter(train))))
+    results = trainer.train(train)
+    results["num_replicas"] = strategy.num_replicas_in_sync
+    results["step"] = trainer.step
+    if not trainer.is_chief:
+        return results
+    converge_spectral_norms(model)  # the exported model is the converged one
+    final = evaluator(trainer.step)
+    results.update({f"final/{k}": v for k, v in final.items()})
+    results.update(task.report(model, evaluator, final))
+    if cfg.export_dir:
+        task.export(model, cfg.export_dir)
+        results["export_dir"] = cfg.export_dir
+        logging.info("Exported SavedModel to %s", cfg.export_dir)
+    common.write_results(cfg.model_dir, results)
+    return results
