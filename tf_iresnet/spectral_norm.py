@@ -782,6 +782,7 @@ class SpectralNormalization(keras.layers.Layer):
                 strides=list(self._spec.strides),
                 padding=self._spec.padding,
                 dilations=list(self._spec.dilations),
+                data_format="NHWC",  # explicit: the eager second-order gradient reads it
             )
         else:
             outputs = tf.matmul(inputs, kernel)
