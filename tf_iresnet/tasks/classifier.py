@@ -27,12 +27,12 @@ from absl import logging
 
 from tf_iresnet import datasets, presets
 from tf_iresnet.export.classifier import export_classifier
+from tf_iresnet.lipschitz import lipschitz_report
 from tf_iresnet.models.classifier import (
     ClassifierConfig,
     build_classifier_model,
     classifier_objective,
 )
-from tf_iresnet.spectral_norm import lipschitz_report
 from tf_iresnet.tasks import common
 from tf_iresnet.training import (
     WarmupSchedule,

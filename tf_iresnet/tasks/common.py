@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 
 from tf_iresnet import datasets, presets
-from tf_iresnet.spectral_norm import converge_spectral_norms
+from tf_iresnet.lipschitz import converge_spectral_norms
 from tf_iresnet.training import Trainer, make_strategy
 
 OPTIMIZERS = ("adamax", "adam", "sgd")

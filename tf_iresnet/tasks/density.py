@@ -19,8 +19,8 @@ from absl import logging
 
 from tf_iresnet import datasets
 from tf_iresnet.export.density import export_density_model
+from tf_iresnet.lipschitz import lipschitz_report, update_spectral_norms
 from tf_iresnet.models.density import DensityConfig, IResNetFlow
-from tf_iresnet.spectral_norm import lipschitz_report, update_spectral_norms
 from tf_iresnet.tasks import common
 from tf_iresnet.tasks.common import OPTIMIZERS as OPTIMIZERS  # re-exported for train.density
 from tf_iresnet.training import (
