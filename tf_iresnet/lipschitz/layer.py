@@ -434,7 +434,8 @@ class SpectralNormalization(keras.layers.Layer):
         changes nothing.
 
         * ``method="lanczos"`` (default): restarted Golub-Kahan-Lanczos bidiagonalization
-          started from the stored v (see `solvers._lanczos_cycle`); u, v become the top Ritz vectors.
+          started from the stored v (see `solvers._lanczos_cycle`); u, v become the top Ritz
+          vectors.
         * ``method="power"``: the training step's power iteration, run to the same criterion.
 
         The top singular values of a convolution are clustered (``s_1 / s_2 ~ 1.002`` on an
@@ -473,7 +474,8 @@ class SpectralNormalization(keras.layers.Layer):
         Dense: the exact largest singular value of ``W_n`` (SVD). Conv2D: the Sedghi et al.
         bound, the largest singular value over the 2-D DFT of the (dilated) kernel zero-padded
         to the grid ``(H + e_h - 1) x (W + e_w - 1)``, which bounds the zero-padded, strided
-        convolution at H x W (see `fft_bound._conv2d_norm_upper_bound`). Uses the stored u, v (no update).
+        convolution at H x W (see `fft_bound._conv2d_norm_upper_bound`). Uses the stored u, v
+        (no update).
         Cost: SVDs of ``(H + e_h - 1)(floor((W + e_w - 1) / 2) + 1)`` complex ``C_in x C_out``
         matrices; measured on 2 CPU cores, 3x3 kernels: ~6 s for 128 channels at 32x32, ~40 s
         for 512 channels at 16x16.
