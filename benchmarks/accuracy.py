@@ -65,7 +65,7 @@ def _logdet_figures() -> dict:
     out = {}
     keras.utils.set_random_seed(1)
     dense = tf_iresnet.dense_branch(8, (32, 32), coeff=0.9, activation="elu")
-    for layer in tf_iresnet.spectral_norm.spectral_norm_layers(dense):
+    for layer in tf_iresnet.lipschitz.spectral_norm_layers(dense):
         layer.layer.kernel.assign(layer.layer.kernel * 10.0)
     tf_iresnet.converge_spectral_norms(dense)
     linear = keras.Sequential([keras.layers.Dense(8, use_bias=False)])

@@ -212,7 +212,7 @@ def roofline(model, x: tf.Tensor, loss_fn, *, loop_trips: int, calls: int = 5) -
         gradient).
       calls: timed calls per isolated convolution shape and of the matmul (medians).
     """
-    from tf_iresnet.spectral_norm import update_spectral_norms
+    from tf_iresnet.lipschitz import update_spectral_norms
 
     variables = model.trainable_variables
 

@@ -237,7 +237,7 @@ _LAST_CPU_S = [0.0]
 def _phase_train(cfg: BenchConfig, model, x) -> dict:
     import tensorflow as tf
 
-    from tf_iresnet.spectral_norm import update_spectral_norms
+    from tf_iresnet.lipschitz import update_spectral_norms
     from tf_iresnet.tasks.density import (
         DensityTrainConfig,
         make_optimizer,
@@ -318,7 +318,7 @@ def _phase_inverse(cfg: BenchConfig, model, x) -> dict:
     import tensorflow as tf
 
     from tf_iresnet import fixed_point
-    from tf_iresnet.spectral_norm import converge_spectral_norms
+    from tf_iresnet.lipschitz import converge_spectral_norms
 
     # As after loading a trained model: converged norm estimates, so every block is a
     # contraction with Lip(g) <= coeff^3 (not timed).
@@ -364,7 +364,7 @@ def _phase_breakdown(cfg: BenchConfig, model, x) -> dict:
     import keras
     import tensorflow as tf
 
-    from tf_iresnet.spectral_norm import update_spectral_norms
+    from tf_iresnet.lipschitz import update_spectral_norms
 
     variables = model.trainable_variables
     optimizer = keras.optimizers.Adamax(3e-3)

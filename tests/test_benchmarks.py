@@ -110,7 +110,7 @@ def test_bad_flags():
 
 def _forward_conv_flops(model, batch):
     """2 B H W kh kw Ci Co summed over the model's (stride-1, SAME) convolutions."""
-    from tf_iresnet.spectral_norm import SpectralNormalization
+    from tf_iresnet.lipschitz import SpectralNormalization
 
     total = 0.0
     for branch in model.branches:

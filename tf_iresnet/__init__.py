@@ -19,15 +19,15 @@ from tf_iresnet.bijectors import (  # noqa: E402
     logit_preprocessing,
 )
 from tf_iresnet.fixed_point import InverseNotConvergedError, solve_fixed_point  # noqa: E402
-from tf_iresnet.logdet import LogDetConfig  # noqa: E402
-from tf_iresnet.recompute import recompute_gradient  # noqa: E402
-from tf_iresnet.residual import conv_branch, dense_branch  # noqa: E402
-from tf_iresnet.spectral_norm import (  # noqa: E402
+from tf_iresnet.lipschitz import (  # noqa: E402
     SpectralNormalization,
     converge_spectral_norms,
     lipschitz_report,
     update_spectral_norms,
 )
+from tf_iresnet.logdet import LogDetConfig  # noqa: E402
+from tf_iresnet.recompute import recompute_gradient  # noqa: E402
+from tf_iresnet.residual import conv_branch, dense_branch  # noqa: E402
 
 __all__ = [
     "ActNorm",

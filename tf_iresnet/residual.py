@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import keras
 
 from tf_iresnet.activations import get_activation
-from tf_iresnet.spectral_norm import SpectralNormalization
+from tf_iresnet.lipschitz import SpectralNormalization
 
 __all__ = ["conv_branch", "dense_branch"]
 

@@ -40,8 +40,8 @@ import tensorflow as tf
 
 from tf_iresnet import datasets
 from tf_iresnet.export.checks import check_images
+from tf_iresnet.lipschitz import converge_spectral_norms
 from tf_iresnet.models.classifier import IResNetClassifier
-from tf_iresnet.spectral_norm import converge_spectral_norms
 
 __all__ = ["export_classifier", "classifier_endpoints"]
 

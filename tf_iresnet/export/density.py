@@ -19,8 +19,8 @@ import keras
 import tensorflow as tf
 
 from tf_iresnet.export.checks import check_images, check_vectors
+from tf_iresnet.lipschitz import converge_spectral_norms
 from tf_iresnet.models.density import IResNetFlow
-from tf_iresnet.spectral_norm import converge_spectral_norms
 
 
 def sample_seed(seed) -> tf.Tensor:

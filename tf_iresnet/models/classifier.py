@@ -54,6 +54,7 @@ import math
 
 import keras
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 from tf_iresnet.activations import get_activation
 from tf_iresnet.bijectors import (
@@ -69,6 +70,9 @@ from tf_iresnet.datasets import bits_per_dim
 from tf_iresnet.logdet import METHODS as LOGDET_METHODS
 from tf_iresnet.residual import conv_branch
 
+tfb = tfp.bijectors
+tfd = tfp.distributions
+
 __all__ = [
     "ClassifierConfig",
     "IResNetClassifier",
@@ -76,7 +80,6 @@ __all__ = [
     "classifier_objective",
 ]
 
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 
@@ -341,7 +344,7 @@ class IResNetClassifier(keras.Model):
             views.append(ZeroChannelPad(cfg.pad_channels))
         states, branches = self.actnorm_states, self.branches
         block_seeds = (None if seed is None else
-                       tf.random.experimental.stateless_split(seed, num=len(branches)))
+                       tfp.random.split_seed(seed, n=len(branches), salt="classifier_blocks"))
         for i, branch in enumerate(branches):
             if self._squeeze_first[i]:
                 views.append(Squeeze())
@@ -364,32 +367,14 @@ class IResNetClassifier(keras.Model):
         input of `features` instead of inverting)."""
         return tf.identity(tf.convert_to_tensor(t, self.compute_dtype))
 
+    def flow(self, **view_options) -> tfb.Chain:
+        """The invertible part as one `tfb.Chain`, ``x [B, *input_shape] -> z [B,
+        *feature_shape]`` (``view_options`` as for `bijectors`)."""
+        return tfb.Chain(list(reversed(self.bijectors(**view_options))), name="features")
+
     def features(self, x: tf.Tensor) -> tf.Tensor:
         """The invertible part: ``[B, *input_shape] -> [B, *feature_shape]``."""
-        x = self._fresh(x)
-        for bijector in self.bijectors():
-            x = bijector.forward(x)
-        return x
-
-    def features_and_log_det(self, x: tf.Tensor, *,
-                             logdet: str | None = None, n_terms: int | None = None,
-                             seed=None) -> tuple[tf.Tensor, tf.Tensor]:
-        """``(z, log|det dz/dx|)`` with z ``[B, *feature_shape]`` and the log-det ``[B]``.
-
-        ``logdet`` / ``n_terms`` default to the config's evaluation estimator. Each block
-        evaluates g once for both (the log-det is cached with the forward result).
-        """
-        cfg = self.config
-        logdet = logdet or cfg.eval_logdet
-        n_terms = n_terms or cfg.eval_n_terms
-        x = self._fresh(x)
-        total = tf.zeros(tf.shape(x)[:1], x.dtype)
-        for bijector in self.bijectors(logdet=logdet, n_terms=n_terms,
-                                       seed=seed):
-            y = bijector.forward(x)
-            total += bijector.forward_log_det_jacobian(x, event_ndims=3)
-            x = y
-        return x, total
+        return self.flow().forward(self._fresh(x))
 
     def invert(self, z: tf.Tensor, on_failure: str = "raise", **inverse_options) -> tf.Tensor:
         """Inverse of `features`: ``[B, *feature_shape] -> [B, *input_shape]``.
@@ -399,11 +384,24 @@ class IResNetClassifier(keras.Model):
         misses it raises `InverseNotConvergedError` eagerly (``InvalidArgumentError`` when run
         in a graph) with ``on_failure="raise"``, or warns with ``"warn"``.
         """
-        z = self._fresh(z)
-        views = self.bijectors(inverse_on_failure=on_failure, **inverse_options)
-        for bijector in reversed(views):
-            z = bijector.inverse(z)
-        return z
+        flow = self.flow(inverse_on_failure=on_failure, **inverse_options)
+        return flow.inverse(self._fresh(z))
+
+    def prior(self) -> tfd.Distribution:
+        """The hybrid model's latent distribution: standard normal over ``feature_shape``."""
+        return tfd.Independent(tfd.Normal(tf.zeros(self.config.feature_shape), 1.0),
+                               reinterpreted_batch_ndims=len(self.config.feature_shape))
+
+    def distribution(self, *, logdet: str | None = None, n_terms: int | None = None,
+                     seed=None) -> tfd.TransformedDistribution:
+        """The hybrid model's density over images in [0, 1]: `prior` pushed through the
+        inverse of `flow`, with the given log-det estimator (default: the config's evaluation
+        estimator). Meaningful for hybrid models (``hybrid_weight > 0``; never padded)."""
+        self._check_hybrid("distribution")
+        cfg = self.config
+        flow = self.flow(logdet=logdet or cfg.eval_logdet, n_terms=n_terms or cfg.eval_n_terms,
+                         seed=seed)
+        return tfd.TransformedDistribution(self.prior(), tfb.Invert(flow), name="hybrid")
 
     # -- the head and the objectives ------------------------------------------------------
 
@@ -415,20 +413,10 @@ class IResNetClassifier(keras.Model):
     def call(self, inputs, training=False):
         return self.head(self.features(inputs), training=training)
 
-    def log_prob_from_features(self, z: tf.Tensor, log_det: tf.Tensor) -> tf.Tensor:
-        """``log N(z; 0, I) + log_det``: the log-density of the input, in nats, ``[B]``."""
-        dim = math.prod(self.config.feature_shape)
-        prior = -0.5 * tf.reduce_sum(tf.reshape(tf.square(z), [tf.shape(z)[0], -1]), axis=1)
-        return prior - 0.5 * dim * _LOG_2PI + log_det
-
     def log_prob(self, x: tf.Tensor, *, logdet: str | None = None, seed=None) -> tf.Tensor:
-        """Log-density (nats) of images in [0, 1] under the hybrid model, ``[B]``.
-
-        Meaningful for hybrid models (trained with ``hybrid_weight > 0``; never padded).
-        """
-        self._check_hybrid("log_prob")
-        z, log_det = self.features_and_log_det(x, logdet=logdet, seed=seed)
-        return self.log_prob_from_features(z, log_det)
+        """Log-density (nats) of images in [0, 1] under the hybrid model, ``[B]``
+        (`distribution`'s ``log_prob``)."""
+        return self.distribution(logdet=logdet, seed=seed).log_prob(self._fresh(x))
 
     def bits_per_dim(self, x: tf.Tensor, *, logdet: str | None = None, seed=None) -> tf.Tensor:
         """``-log p(x) / (D ln 2) + log2(num_levels)`` of the hybrid model, ``[B]``."""
@@ -473,10 +461,11 @@ def classifier_objective(model: IResNetClassifier, images: tf.Tensor, labels: tf
     if cfg.hybrid:
         logdet, n_terms = (cfg.logdet, cfg.n_terms) if training else (cfg.eval_logdet,
                                                                       cfg.eval_n_terms)
-        z, log_det = model.features_and_log_det(images, logdet=logdet,
-                                                n_terms=n_terms, seed=seed)
-        bpd = bits_per_dim(model.log_prob_from_features(z, log_det), cfg.input_shape,
-                           cfg.num_levels)
+        density = model.distribution(logdet=logdet, n_terms=n_terms, seed=seed)
+        x = model._fresh(images)
+        # The features are the flow's forward pass; log_prob(x) reuses it (TFP's cache).
+        z = density.bijector.inverse(x)
+        bpd = bits_per_dim(density.log_prob(x), cfg.input_shape, cfg.num_levels)
         metrics["bits_per_dim"] = tf.reduce_mean(bpd)
     else:
         z = model.features(images)
