@@ -27,7 +27,8 @@ test: lint
 # The kernel-sensitive tests once more on the other CPU kernel set: TensorFlow uses oneDNN by
 # default only on CPUs with AVX-512, and TF_ENABLE_ONEDNN_OPTS flips it either way, so a change
 # that works on one kernel set only cannot pass.
-KERNEL_TESTS := tests/test_spectral_norm.py tests/test_logdet.py tests/test_benchmarks.py
+KERNEL_TESTS := tests/test_spectral_norm.py tests/test_logdet.py \
+	tests/test_benchmarks_*.py
 
 test-other-kernels: venv
 	@on=$$($(PY) -c "from tensorflow.python.util import _pywrap_util_port as p; print(int(p.IsMklEnabled()))" 2>/dev/null) && \
