@@ -27,9 +27,9 @@ test: lint
 # The kernel-sensitive tests once more on the other CPU kernel set: TensorFlow uses oneDNN by
 # default only on CPUs with AVX-512, and TF_ENABLE_ONEDNN_OPTS flips it either way, so a change
 # that works on one kernel set only cannot pass.
-KERNEL_TESTS := tests/test_lipschitz_operators.py tests/test_lipschitz_solvers.py tests/test_lipschitz_fft_bound.py tests/test_lipschitz_layer.py tests/test_lipschitz_model.py tests/test_iresblock.py tests/test_benchmarks.py
+KERNEL_TESTS := tests/test_lipschitz_operators.py tests/test_lipschitz_solvers.py \
 	tests/test_lipschitz_fft_bound.py tests/test_lipschitz_layer.py tests/test_lipschitz_model.py \
-	tests/test_logdet.py tests/test_benchmarks.py
+	tests/test_iresblock.py tests/test_benchmarks_*.py
 
 test-other-kernels: venv
 	@on=$$($(PY) -c "from tensorflow.python.util import _pywrap_util_port as p; print(int(p.IsMklEnabled()))" 2>/dev/null) && \

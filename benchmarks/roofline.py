@@ -22,9 +22,15 @@ ceiling cannot be met by any implementation that does these FLOPs in float32 on 
 from __future__ import annotations
 
 import collections
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
+
+from benchmarks.measure import _time_calls
+from benchmarks.phases import BenchConfig, register_phase
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 CONV_TYPES = ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter")
 MATMUL_TYPES = ("MatMul", "BatchMatMulV2", "BatchMatMulV3")
@@ -111,13 +117,13 @@ def count_flops(concrete_fn, loop_trips: int = 1) -> dict:
 
 def _median_seconds(fn, calls: int) -> float:
     """Median wall time of ``calls`` calls after one untimed (tracing) call."""
-    from benchmarks.run import _time_calls
-
     return _time_calls(fn, calls, warmup=1)[0]
 
 
 def matmul_gflop_per_s(n: int = 2048, calls: int = 10) -> float:
     """float32 ``[n, n] x [n, n]`` products per second on all cores, in GFLOP/s."""
+    import tensorflow as tf
+
     # Variables, not constants: Grappler would fold a product of constants away.
     a = tf.Variable(tf.random.stateless_normal([n, n], seed=[1, 2]))
     b = tf.Variable(tf.random.stateless_normal([n, n], seed=[3, 4]))
@@ -134,6 +140,8 @@ def _isolated_fn(op, repeats: int):
     """A function running ``op`` ``repeats`` times, alone, on distinct random inputs of its
     static shapes (several per call so that the function-call overhead does not count; the
     executor may run two at once, as it does in the step)."""
+    import tensorflow as tf
+
     attrs = _conv_attrs(op)
     raw = getattr(tf.raw_ops, op.type)
     seeds = iter(range(1, 4 * repeats + 1))
@@ -212,7 +220,9 @@ def roofline(model, x: tf.Tensor, loss_fn, *, loop_trips: int, calls: int = 5) -
         gradient).
       calls: timed calls per isolated convolution shape and of the matmul (medians).
     """
-    from tf_iresnet.lipschitz import update_spectral_norms
+    import tensorflow as tf
+
+    from tf_iresnet import update_spectral_norms
 
     variables = model.trainable_variables
 
@@ -235,3 +245,17 @@ def roofline(model, x: tf.Tensor, loss_fn, *, loop_trips: int, calls: int = 5) -
     out["power_iterations_gflop"] = count_flops(tf.function(power).get_concrete_function())[
         "gflop"]
     return out
+
+
+@register_phase("roofline")
+def _phase_roofline(cfg: BenchConfig, model, x) -> dict:
+    """FLOPs of the step and of ``encode``, the matmul peak, the convolutions timed alone."""
+    import tensorflow as tf
+
+    from tf_iresnet.tasks.density import DensityTrainConfig, make_train_step
+
+    step_fn = make_train_step(DensityTrainConfig(preset=cfg.preset, batch_size=cfg.batch_size,
+                                                 seed=cfg.seed))
+    step = tf.constant(0, tf.int64)
+    return {"roofline": roofline(model, x, lambda t: step_fn(model, t, step)[0],
+                                 loop_trips=model.config.n_terms, calls=cfg.steps)}
