@@ -101,8 +101,8 @@ def _phase_train(cfg: BenchConfig, model, x) -> dict:
         DensityTrainConfig,
         make_optimizer,
         make_train_step,
-        power_iteration_step,
     )
+    from tf_iresnet.tasks.run import power_iteration_step
     from tf_iresnet.training import Trainer
 
     task_cfg = DensityTrainConfig(preset=cfg.preset, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -282,8 +282,8 @@ def _phase_profile(cfg: BenchConfig, model, x) -> dict:
         DensityTrainConfig,
         make_optimizer,
         make_train_step,
-        power_iteration_step,
     )
+    from tf_iresnet.tasks.run import power_iteration_step
     from tf_iresnet.training import Trainer
 
     task_cfg = DensityTrainConfig(preset=cfg.preset, batch_size=cfg.batch_size, seed=cfg.seed)

@@ -9,7 +9,7 @@ from benchmarks.phases import BenchConfig, run_phase
 
 def _forward_conv_flops(model, batch):
     """2 B H W kh kw Ci Co summed over the model's (stride-1, SAME) convolutions."""
-    from tf_iresnet.spectral_norm import SpectralNormalization
+    from tf_iresnet import SpectralNormalization
 
     total = 0.0
     for branch in model.branches:

@@ -73,6 +73,13 @@ def default(config_cls: type[RunConfig], field: str) -> Any:
     raise ValueError(f"{config_cls.__name__} has no field {field!r}.")
 
 
+def power_iteration_step(model: keras.Model, step: tf.Tensor) -> None:
+    """The post-step of every task: after each optimizer update, each spectrally normalized
+    layer runs its ``power_iterations`` power iterations (nowhere else in training)."""
+    del step
+    update_spectral_norms(model)
+
+
 class Task(abc.ABC):
     """What differs between training tasks; `run` does the rest.
 
@@ -111,9 +118,8 @@ class Task(abc.ABC):
         """The per-replica ``(loss, metrics)`` of one step (`Trainer`'s contract)."""
 
     def post_step(self, model: keras.Model, step: tf.Tensor) -> None:
-        """After each update: one round of power iterations on every normalized layer."""
-        del step
-        update_spectral_norms(model)
+        """After each update: `power_iteration_step`."""
+        power_iteration_step(model, step)
 
     @abc.abstractmethod
     def evaluator(self, model: keras.Model):
