@@ -264,3 +264,26 @@ def test_saved_model_cli_lists_the_signatures(exported):
         assert f"signature_def['{name}']" in proc.stdout
     for output in ("logits", "probabilities", "classes"):
         assert f"outputs['{output}']" in proc.stdout
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_HYBRID], ids=["plain", "hybrid"])
+def test_forward_passes_assign_nothing_power_iterations_run_after_the_step(cfg):
+    """Pure views: the training objective (eager and compiled) leaves every variable but the
+    head's BatchNorm statistics as it was; the post-step moves the power-iteration state."""
+    from tf_iresnet.tasks.run import power_iteration_step
+
+    model = _model(cfg)
+    x, y = _digits(16, dequantize=cfg.hybrid)
+    before = {v.path: v.numpy().copy() for v in model.weights}
+    step = tf.function(lambda a, b: classifier_objective(model, a, b, training=True,
+                                                         seed=tf.constant([1, 2]))[0])
+    classifier_objective(model, x, y, training=True, seed=tf.constant([1, 2]))
+    step(x, y)
+    now = {w.path: w.numpy() for w in model.weights}
+    changed = [p for p, v in before.items() if not np.array_equal(v, now[p])]
+    assert all("head_norm" in p for p in changed), changed
+    power_iteration_step(model, tf.constant(0))
+    after = {w.path: w.numpy() for w in model.weights}
+    moved = [p for p in before if not np.array_equal(before[p], after[p])
+             and "head_norm" not in p]
+    assert moved and all(p.endswith(("/u", "/v")) for p in moved), moved
