@@ -38,7 +38,7 @@ def _model(config, seed=0):
     tf.keras.utils.set_random_seed(seed)
     model = IResNetFlow(config)
     x = _data(config, 16, seed)
-    model(x)  # ActNorm data-dependent initialization
+    model.initialize(x)  # ActNorm data-dependent initialization
     # Perturb the prior so that it is not the identity map.
     model.prior_loc.assign(tf.random.stateless_normal(model.prior_loc.shape, [1, seed]) * 0.1)
     model.prior_log_scale.assign(
