@@ -65,6 +65,7 @@ from tf_iresnet.bijectors import (
     centering,
 )
 from tf_iresnet.datasets import bits_per_dim
+from tf_iresnet.fixed_point import InverseConfig
 from tf_iresnet.logdet import METHODS as LOGDET_METHODS
 from tf_iresnet.residual import conv_branch
 
@@ -349,13 +350,16 @@ class IResNetClassifier(keras.Model):
                 views.append(Squeeze())
             if cfg.actnorm and not (i == 0 and cfg.pad_channels):
                 views.append(ActNorm(states[i], data_init=data_init, name=f"actnorm_{i}"))
+            # TODO(pure-views): `training` no longer reaches the block (it evaluates g with
+            # training=False); the power iterations must run as a post-step.
             views.append(InvertibleResidualBlock(
-                branch, event_ndims=3, logdet=logdet, n_terms=n_terms, training=training,
+                branch, event_ndims=3, logdet=logdet, n_terms=n_terms,
                 seed=None if seed is None else block_seeds[i],
-                inverse_atol=inverse_atol or cfg.inverse_atol,
-                inverse_rtol=inverse_rtol or cfg.inverse_rtol,
-                inverse_max_iter=inverse_max_iter or cfg.inverse_max_iter,
-                inverse_on_failure=inverse_on_failure,
+                inverse=InverseConfig(
+                    atol=inverse_atol or cfg.inverse_atol,
+                    rtol=inverse_rtol or cfg.inverse_rtol,
+                    max_iter=inverse_max_iter or cfg.inverse_max_iter,
+                    on_failure=inverse_on_failure),
                 name=f"block_{i}"))
         return views
 
