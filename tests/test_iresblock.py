@@ -561,10 +561,10 @@ def test_new_constructor_inverse_and_exact_logdet(dense_g, solver):
     x = tf.random.stateless_normal([6, 4], seed=[3, 9])
     block = InvertibleResidualBlock(
         dense_g, event_ndims=1, logdet=LogDetConfig(method="exact"),
-        inverse=InverseConfig(solver=solver, atol=1e-7, rtol=0.0, max_iter=300,
+        inverse=InverseConfig(solver=solver, atol=1e-6, rtol=1e-6, max_iter=300,
                               anderson_memory=3))
     y = block.forward(x)
-    np.testing.assert_allclose(block.inverse(tf.identity(y)).numpy(), x.numpy(), atol=1e-5)
+    np.testing.assert_allclose(block.inverse(tf.identity(y)).numpy(), x.numpy(), atol=1e-4)
     exact, _ = _exact_logdet(dense_g, x)
     np.testing.assert_allclose(block.forward_log_det_jacobian(tf.identity(x), event_ndims=1),
                                exact, atol=1e-5)

@@ -320,7 +320,8 @@ class IResNetClassifier(keras.Model):
         """The invertible part as TFP bijector views over this model's weights, in forward order.
 
         Args:
-          training: run the spectral norms' power iteration in the blocks' forward passes.
+          training: currently unused: the blocks evaluate g with training=False
+            (TODO(pure-views): power iterations as a post-step).
           logdet: block log-det estimator ("none", "series", "unbiased" or "exact").
           n_terms: series terms.
           seed: None (fresh randomness), or a shape-[2] int tensor split into one stateless
