@@ -187,12 +187,12 @@ def _phase_inverse(cfg: BenchConfig, model, x) -> dict:
     for solver in SOLVERS:
         def decode(z, solver=solver):
             with fixed_point.collect_inverse_stats() as stats:
-                x_rec = model.decode(
-                    z, inverse_solver=solver, inverse_atol=cfg.inverse_atol,
-                    inverse_rtol=cfg.inverse_rtol, inverse_max_iter=cfg.inverse_max_iter,
+                x_rec = model.decode(z, inverse=fixed_point.InverseConfig(
+                    solver=solver, atol=cfg.inverse_atol, rtol=cfg.inverse_rtol,
+                    max_iter=cfg.inverse_max_iter,
                     # A tf.print warning cannot be XLA-compiled; XLA drops the assertion of
                     # "raise" instead. Convergence is reported from the solver stats.
-                    inverse_on_failure="raise" if cfg.xla else "warn")
+                    on_failure="raise" if cfg.xla else "warn"))
             iterations = tf.stack([s.iterations for s in stats])
             converged = tf.reduce_all(tf.stack([s.converged for s in stats]))
             return x_rec, iterations, converged

@@ -1,12 +1,14 @@
 """InvertibleResidualBlock: inverse, log-det estimators, TFP composition, gradients, errors."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 import tf_iresnet
-from tf_iresnet import InvertibleResidualBlock
+from tf_iresnet import InverseConfig, InvertibleResidualBlock, LogDetConfig
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
@@ -65,7 +67,8 @@ def conv_g():
 def test_inverse_of_forward(kind, compiled, solver, dense_g, conv_g):
     g, ndims = (dense_g, 1) if kind == "dense" else (conv_g, 3)
     x = tf.random.stateless_normal([5, 4] if ndims == 1 else [5, 4, 4, 2], seed=[1, 2])
-    block = InvertibleResidualBlock(g, event_ndims=ndims, logdet="none", inverse_solver=solver)
+    block = InvertibleResidualBlock(g, event_ndims=ndims, logdet="none",
+                                    inverse=InverseConfig(solver=solver))
 
     def roundtrip(x):
         y = block.forward(x)
@@ -134,8 +137,9 @@ def test_series_converges_to_exact(dense_g):
     # copies of x0, one probe each) average to it, and with 20 terms to the exact log-det.
     xs = tf.repeat(x0, 4000, axis=0)
     for n in (2, 20):
-        block = InvertibleResidualBlock(dense_g, event_ndims=1, logdet="series", n_terms=n,
-                                        probe="rademacher", seed=11)
+        block = InvertibleResidualBlock(
+            dense_g, event_ndims=1, seed=11,
+            logdet=LogDetConfig(method="series", n_terms=n, probe="rademacher"))
         est = block.forward_log_det_jacobian(xs, event_ndims=1).numpy()
         se = est.std() / np.sqrt(len(est))
         assert abs(est.mean() - _truncated_series(jac[0], n)) < 3 * se + 1e-5
@@ -149,9 +153,8 @@ def test_unbiased_within_three_standard_errors():
 
         @tf.function
         def estimate(seed, roulette=roulette, param=param):
-            block = InvertibleResidualBlock(g, event_ndims=1, logdet="unbiased",
-                                            n_exact_terms=1, roulette=roulette,
-                                            roulette_param=param, seed=seed)
+            block = InvertibleResidualBlock(g, event_ndims=1, seed=seed, logdet=LogDetConfig(
+                method="unbiased", n_exact_terms=1, roulette=roulette, roulette_param=param))
             return tf.reduce_mean(block.forward_log_det_jacobian(xs, event_ndims=1))
 
         # Calls are independent draws (fresh count and probes); rows within a call share N.
@@ -191,8 +194,8 @@ def test_replicas_of_a_step_draw_the_same_roulette_and_probes():
 
     def per_replica(step, seeded):
         seed = step_seed(0, step) if seeded else None
-        block = InvertibleResidualBlock(g, event_ndims=1, logdet="unbiased", n_exact_terms=1,
-                                        seed=seed)
+        block = InvertibleResidualBlock(
+            g, event_ndims=1, logdet=LogDetConfig(method="unbiased", n_exact_terms=1), seed=seed)
         return block.forward_log_det_jacobian(tf.identity(xs), event_ndims=1)
 
     @tf.function
@@ -216,7 +219,8 @@ def test_neumann_gradient_value_and_gradient(dense_g):
     x = tf.repeat(tf.random.stateless_normal([16, 4], seed=[8, 8]), 16, axis=0)
 
     def value_and_grads(**kwargs):
-        block = InvertibleResidualBlock(dense_g, event_ndims=1, seed=5, **kwargs)
+        block = InvertibleResidualBlock(dense_g, event_ndims=1, seed=5,
+                                        logdet=LogDetConfig(**kwargs))
         with tf.GradientTape() as tape:
             ldj = block.forward_log_det_jacobian(tf.identity(x), event_ndims=1)
             total = tf.reduce_sum(ldj)
@@ -224,8 +228,8 @@ def test_neumann_gradient_value_and_gradient(dense_g):
         assert sum(g is not None for g in grads) == 3  # both kernels, the hidden bias
         return ldj.numpy(), [g for g in grads if g is not None]
 
-    _, exact = value_and_grads(logdet="exact")
-    results = {neumann: value_and_grads(logdet="series", n_terms=20, n_samples=16,
+    _, exact = value_and_grads(method="exact")
+    results = {neumann: value_and_grads(method="series", n_terms=20, n_samples=16,
                                         neumann_gradient=neumann) for neumann in (False, True)}
     np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
     for neumann in (False, True):
@@ -249,8 +253,8 @@ def test_neumann_gradient_with_the_unbiased_estimator():
 
     @tf.function
     def value_and_grad(seed, neumann):
-        block = InvertibleResidualBlock(g, event_ndims=1, logdet="unbiased", n_exact_terms=1,
-                                        neumann_gradient=neumann, seed=seed)
+        block = InvertibleResidualBlock(g, event_ndims=1, seed=seed, logdet=LogDetConfig(
+            method="unbiased", n_exact_terms=1, neumann_gradient=neumann))
         with tf.GradientTape() as tape:
             ldj = tf.reduce_mean(block.forward_log_det_jacobian(tf.identity(x), event_ndims=1))
         return ldj, tape.gradient(ldj, kernel)
@@ -330,13 +334,14 @@ def test_chain_with_actnorm_squeeze_and_tfp(conv_g):
 def test_every_weight_gets_a_finite_gradient(conv_g):
     state = tf_iresnet.ActNormState()
     flow = tfb.Chain([
-        InvertibleResidualBlock(conv_g, event_ndims=3, logdet="series", training=True),
+        InvertibleResidualBlock(conv_g, event_ndims=3, logdet="series"),
         tf_iresnet.ActNorm(state, event_ndims=3),
     ])
     base = tfd.Independent(tfd.Normal(tf.zeros([4, 4, 2]), 1.0), reinterpreted_batch_ndims=3)
     dist = tfd.TransformedDistribution(base, tfb.Invert(flow))
     x = tf.random.stateless_uniform([8, 4, 4, 2], seed=[4, 5])
-    dist.log_prob(x)  # initializes ActNorm
+    with tf_iresnet.bijectors.data_dependent_init():
+        dist.log_prob(x)  # initializes ActNorm
     variables = conv_g.trainable_variables + state.trainable_variables
     with tf.GradientTape() as tape:
         loss = -tf.reduce_mean(dist.log_prob(tf.identity(x)))
@@ -358,13 +363,14 @@ def test_nonconvergence_is_reported():
     g = _dense_g(dim=4, coeff=0.95, seed=2)
     x = tf.random.stateless_normal([4, 4], seed=[9, 9]) * 5
     y = x + g(x)
-    block = InvertibleResidualBlock(g, event_ndims=1, inverse_max_iter=2, logdet="none")
+    block = InvertibleResidualBlock(g, event_ndims=1, inverse=InverseConfig(max_iter=2),
+                                    logdet="none")
     with pytest.raises(tf_iresnet.InverseNotConvergedError, match="did not converge.*residual"):
         block.inverse(tf.identity(y))
     with pytest.raises(tf.errors.InvalidArgumentError, match="did not converge"):
         tf.function(lambda t: block.inverse(t))(tf.identity(y))
-    warn = InvertibleResidualBlock(g, event_ndims=1, inverse_max_iter=2, logdet="none",
-                                   inverse_on_failure="warn")
+    warn = InvertibleResidualBlock(g, event_ndims=1, logdet="none",
+                                   inverse=InverseConfig(max_iter=2, on_failure="warn"))
     with pytest.warns(RuntimeWarning, match="did not converge"):
         warn.inverse(tf.identity(y))
 
@@ -376,10 +382,11 @@ def test_bad_arguments(dense_g):
         InvertibleResidualBlock(dense_g, event_ndims=1, logdet="magic")
     with pytest.raises(ValueError, match="n_terms must be an integer >= 1"):
         InvertibleResidualBlock(dense_g, event_ndims=1, n_terms=0)
-    with pytest.raises(ValueError, match="inverse_solver"):
-        InvertibleResidualBlock(dense_g, event_ndims=1, inverse_solver="newton")
+    with pytest.raises(ValueError, match="InverseConfig.solver must be one of"):
+        InvertibleResidualBlock(dense_g, event_ndims=1, inverse=InverseConfig(solver="newton"))
     with pytest.raises(ValueError, match="roulette_param"):
-        InvertibleResidualBlock(dense_g, event_ndims=1, logdet="unbiased", roulette_param=1.5)
+        InvertibleResidualBlock(dense_g, event_ndims=1,
+                                logdet=LogDetConfig(method="unbiased", roulette_param=1.5))
     with pytest.raises(TypeError, match="residual_fn"):
         InvertibleResidualBlock(3, event_ndims=1)
     block = InvertibleResidualBlock(dense_g, event_ndims=3)
@@ -408,8 +415,8 @@ def test_forward_and_logdet_under_xla(logdet, conv_g):
     x = tf.repeat(x0, 256, axis=0)  # one probe per row: the batch mean is a Monte Carlo mean
 
     def run(x, seed):
-        block = InvertibleResidualBlock(conv_g, event_ndims=3, logdet=logdet, seed=seed,
-                                        neumann_gradient=logdet == "unbiased")
+        block = InvertibleResidualBlock(conv_g, event_ndims=3, seed=seed, logdet=LogDetConfig(
+            method=logdet, neumann_gradient=logdet == "unbiased"))
         return block.forward(x), block.forward_log_det_jacobian(x, event_ndims=3)
 
     compiled = tf.function(run, jit_compile=True)
@@ -434,9 +441,9 @@ def test_recompute_gives_the_same_values_and_gradients(conv_g, logdet, neumann):
 
     @tf.function
     def value_and_grads(x, recompute):
-        block = InvertibleResidualBlock(conv_g, event_ndims=3, logdet=logdet, n_terms=3,
-                                        neumann_gradient=neumann, recompute=recompute,
-                                        seed=tf.constant([7, 8]))
+        block = InvertibleResidualBlock(
+            conv_g, event_ndims=3, recompute=recompute, seed=tf.constant([7, 8]),
+            logdet=LogDetConfig(method=logdet, n_terms=3, neumann_gradient=neumann))
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = block.forward(x)
@@ -470,13 +477,18 @@ def test_recompute_uses_the_forward_passs_probes_when_the_seed_is_none():
         np.testing.assert_allclose(grad.numpy().ravel(), [total.numpy() / 0.5], rtol=1e-5)
 
 
-def test_recompute_runs_the_power_iteration_once():
+def test_forward_passes_never_run_the_power_iteration():
+    # The block evaluates g with training=False: with or without recompute, a forward pass
+    # with log-det and its gradient leave the power-iteration vectors u, v unchanged, and the
+    # two paths agree.
     results = []
     for recompute in (False, True):
         tf.keras.utils.set_random_seed(0)
         g = tf_iresnet.conv_branch((4, 4, 2), 4, coeff=0.9)  # fresh u, v: every iteration moves them
+        before = [w.numpy() for w in g.non_trainable_weights]
+        assert before
         block = InvertibleResidualBlock(g, event_ndims=3, logdet="series", n_terms=2,
-                                        recompute=recompute, training=True, seed=3)
+                                        recompute=recompute, seed=3)
 
         @tf.function
         def value_and_grads(x, g=g, block=block):
@@ -487,9 +499,79 @@ def test_recompute_runs_the_power_iteration_once():
 
         ldj, grads = value_and_grads(tf.random.stateless_normal([2, 4, 4, 2], seed=[1, 1]))
         state = [w.numpy() for w in g.non_trainable_weights]
+        for a, b in zip(state, before, strict=True):
+            np.testing.assert_array_equal(a, b)
         # The last bias does not enter the Jacobian: no gradient, with or without recompute.
-        results.append((ldj.numpy(), [0.0 if gr is None else gr.numpy() for gr in grads], state))
-    (ldj0, grads0, state0), (ldj1, grads1, state1) = results
+        results.append((ldj.numpy(), [0.0 if gr is None else gr.numpy() for gr in grads]))
+    (ldj0, grads0), (ldj1, grads1) = results
     np.testing.assert_allclose(ldj1, ldj0, rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads1 + state1, grads0 + state0, strict=True):
+    for a, b in zip(grads1, grads0, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_string_logdet_is_shorthand_for_a_config(dense_g):
+    short = InvertibleResidualBlock(dense_g, event_ndims=1, logdet="unbiased", n_terms=7,
+                                    n_samples=2)
+    assert short.logdet_config == LogDetConfig(method="unbiased", n_terms=7, n_samples=2)
+    assert short.inverse_config == InverseConfig()
+    full = InvertibleResidualBlock(
+        dense_g, event_ndims=1, logdet=LogDetConfig(method="unbiased", n_terms=7, n_samples=2))
+    assert full == short
+    assert InvertibleResidualBlock(dense_g, event_ndims=1).logdet_config == LogDetConfig()
+    # A shortcut may repeat the config's value.
+    same = InvertibleResidualBlock(dense_g, event_ndims=1, logdet=LogDetConfig(n_terms=3),
+                                   n_terms=3)
+    assert same.logdet_config.n_terms == 3
+
+
+def test_shortcut_contradicting_the_config_raises(dense_g):
+    with pytest.raises(ValueError, match="n_terms=4 contradicts .*n_terms=3"):
+        InvertibleResidualBlock(dense_g, event_ndims=1, logdet=LogDetConfig(n_terms=3),
+                                n_terms=4)
+    with pytest.raises(ValueError, match="n_samples=1 contradicts .*n_samples=2"):
+        InvertibleResidualBlock(dense_g, event_ndims=1, logdet=LogDetConfig(n_samples=2),
+                                n_samples=1)
+    with pytest.raises(TypeError, match="logdet must be a LogDetConfig"):
+        InvertibleResidualBlock(dense_g, event_ndims=1, logdet=5)
+    with pytest.raises(TypeError, match="inverse must be an InverseConfig"):
+        InvertibleResidualBlock(dense_g, event_ndims=1, inverse="anderson")
+    with pytest.raises(TypeError, match="training"):
+        InvertibleResidualBlock(dense_g, event_ndims=1, training=True)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(solver="newton"), "InverseConfig.solver must be one of"),
+    (dict(on_failure="ignore"), "InverseConfig.on_failure must be one of"),
+    (dict(atol=0.0, rtol=0.0), "atol and rtol must be >= 0 and not both 0"),
+    (dict(atol=-1e-5), "atol and rtol must be >= 0"),
+    (dict(max_iter=0), "InverseConfig.max_iter must be an integer >= 1"),
+    (dict(max_iter=2.5), "InverseConfig.max_iter must be an integer >= 1"),
+    (dict(anderson_memory=0), "InverseConfig.anderson_memory must be an integer >= 1"),
+])
+def test_inverse_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        InverseConfig(**kwargs)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        InverseConfig().max_iter = 3
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+def test_new_constructor_inverse_and_exact_logdet(dense_g, solver):
+    # Through the config objects: inverse(forward(x)) = x to the configured tolerance, and the
+    # log-det against slogdet of the independently computed batch_jacobian.
+    x = tf.random.stateless_normal([6, 4], seed=[3, 9])
+    block = InvertibleResidualBlock(
+        dense_g, event_ndims=1, logdet=LogDetConfig(method="exact"),
+        inverse=InverseConfig(solver=solver, atol=1e-6, rtol=1e-6, max_iter=300,
+                              anderson_memory=3))
+    y = block.forward(x)
+    np.testing.assert_allclose(block.inverse(tf.identity(y)).numpy(), x.numpy(), atol=1e-4)
+    exact, _ = _exact_logdet(dense_g, x)
+    np.testing.assert_allclose(block.forward_log_det_jacobian(tf.identity(x), event_ndims=1),
+                               exact, atol=1e-5)
+    # A budget too small for the tolerance is reported, so max_iter is really used.
+    tight = InvertibleResidualBlock(dense_g, event_ndims=1, logdet="none",
+                                    inverse=InverseConfig(solver=solver, atol=1e-7, rtol=0.0,
+                                                          max_iter=2))
+    with pytest.raises(tf_iresnet.InverseNotConvergedError):
+        tight.inverse(tf.identity(y))

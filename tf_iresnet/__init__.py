@@ -18,7 +18,11 @@ from tf_iresnet.bijectors import (  # noqa: E402
     centering,
     logit_preprocessing,
 )
-from tf_iresnet.fixed_point import InverseNotConvergedError, solve_fixed_point  # noqa: E402
+from tf_iresnet.fixed_point import (  # noqa: E402
+    InverseConfig,
+    InverseNotConvergedError,
+    solve_fixed_point,
+)
 from tf_iresnet.lipschitz import (  # noqa: E402
     SpectralNormalization,
     converge_spectral_norms,
@@ -33,6 +37,7 @@ __all__ = [
     "ActNorm",
     "ActNormState",
     "ELU",
+    "InverseConfig",
     "InverseNotConvergedError",
     "InvertibleResidualBlock",
     "LipSwish",

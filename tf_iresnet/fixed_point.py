@@ -29,6 +29,49 @@ import tensorflow as tf
 SOLVERS = ("fixed_point", "anderson")
 ON_FAILURE = ("raise", "warn")
 
+# Anderson's least-squares systems get this relative Tikhonov term (times the largest squared
+# residual norm in the history) to stay regular when the residuals become nearly collinear.
+# The mixing parameter is 1: the next iterate combines the F values only (Walker & Ni's beta).
+_ANDERSON_RIDGE = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class InverseConfig:
+    """Settings of the fixed-point inverse of a residual block.
+
+    Attributes:
+      solver: ``"fixed_point"`` (Picard iteration) or ``"anderson"`` (Anderson acceleration).
+      atol, rtol: elementwise stopping tolerance ``|F(x) - x| <= atol + rtol |F(x)|``, both
+        >= 0 and not both 0.
+      max_iter: budget of evaluations of g (integer >= 1).
+      on_failure: ``"raise"`` or ``"warn"`` when the solve misses the tolerance within budget.
+      anderson_memory: past iterates combined by ``"anderson"`` (integer >= 1).
+    """
+
+    solver: str = "fixed_point"
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    max_iter: int = 100
+    on_failure: str = "raise"
+    anderson_memory: int = 5
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"InverseConfig.solver must be one of {SOLVERS}, got {self.solver!r}.")
+        if self.on_failure not in ON_FAILURE:
+            raise ValueError(
+                f"InverseConfig.on_failure must be one of {ON_FAILURE}, got {self.on_failure!r}."
+            )
+        if not (self.atol >= 0 and self.rtol >= 0 and self.atol + self.rtol > 0):
+            raise ValueError(
+                f"InverseConfig.atol and rtol must be >= 0 and not both 0, got "
+                f"atol={self.atol}, rtol={self.rtol}."
+            )
+        for field in ("max_iter", "anderson_memory"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"InverseConfig.{field} must be an integer >= 1, got {value!r}.")
+
 
 class InverseNotConvergedError(RuntimeError):
     """Raised (eagerly) when a fixed-point inverse misses its tolerance within its budget."""
@@ -99,7 +142,7 @@ def _picard(fn, y, atol, rtol, max_iter):
     return fx, k, tf.reduce_max(tf.abs(fx - x)), done
 
 
-def _anderson(fn, y, atol, rtol, max_iter, memory, beta, ridge):
+def _anderson(fn, y, atol, rtol, max_iter, memory):
     batch = tf.shape(y)[0]
     flat = lambda t: tf.reshape(t, [batch, -1])  # noqa: E731
     shape = tf.shape(y)
@@ -124,13 +167,12 @@ def _anderson(fn, y, atol, rtol, max_iter, memory, beta, ridge):
         mask2 = valid[:, None] * valid[None, :]
         eye = tf.eye(memory, dtype=y.dtype)
         # Invalid slots get a unit diagonal and a zero right-hand side, so their weight is 0.
-        h = gram * mask2 + ridge * (scale + 1e-30) * eye * valid + eye * (1.0 - valid)
+        h = gram * mask2 + _ANDERSON_RIDGE * (scale + 1e-30) * eye * valid + eye * (1.0 - valid)
         rhs = tf.broadcast_to(valid[None, :, None], [batch, memory, 1])
         alpha = tf.linalg.solve(h, rhs)[..., 0]
         alpha = alpha / tf.reduce_sum(alpha, axis=-1, keepdims=True)
         mix_f = tf.einsum("bm,bmd->bd", alpha, fs)
-        mix_x = tf.einsum("bm,bmd->bd", alpha, xs)
-        x_new = tf.reshape(beta * mix_f + (1.0 - beta) * mix_x, shape)
+        x_new = tf.reshape(mix_f, shape)
         f_new = fn(x_new)
         slot = _slot(batch, k % memory)
         xs = tf.tensor_scatter_nd_update(xs, slot, flat(x_new))
@@ -158,8 +200,6 @@ def solve_fixed_point(
     max_iter: int = 100,
     method: str = "fixed_point",
     anderson_memory: int = 5,
-    anderson_beta: float = 1.0,
-    anderson_ridge: float = 1e-8,
 ) -> FixedPointResult:
     """Solves ``x + g(x) = y`` for x by iterating ``x <- y - g(x)`` from ``x = y``.
 
@@ -169,9 +209,8 @@ def solve_fixed_point(
       atol, rtol: elementwise stopping tolerance on ``|F(x) - x|``.
       max_iter: budget of evaluations of ``g``.
       method: ``"fixed_point"`` (Picard) or ``"anderson"``.
-      anderson_memory: number of past iterates Anderson combines.
-      anderson_beta: Anderson mixing (1 = use the combined F values only).
-      anderson_ridge: relative Tikhonov term keeping the small least-squares systems regular.
+      anderson_memory: number of past iterates Anderson combines (mixing parameter 1 and a
+        relative ridge of 1e-8 on its least-squares systems, see ``_ANDERSON_RIDGE``).
 
     Returns:
       A ``FixedPointResult``; it does not raise: see ``check_converged``.
@@ -190,9 +229,7 @@ def solve_fixed_point(
     else:
         if anderson_memory < 1:
             raise ValueError(f"anderson_memory must be >= 1, got {anderson_memory}.")
-        x, k, res, done = _anderson(
-            fn, y, atol, rtol, max_iter, anderson_memory, anderson_beta, anderson_ridge
-        )
+        x, k, res, done = _anderson(fn, y, atol, rtol, max_iter, anderson_memory)
     result = FixedPointResult(x=x, iterations=k, residual=res, converged=done)
     for collected in getattr(_COLLECTORS, "stack", ()):
         collected.append(result)
@@ -216,7 +253,7 @@ def check_converged(
         f"(atol={atol:g}, rtol={rtol:g}); residual max|x - (y - g(x))| reached:"
     )
     hint = ("The residual branch may not be contractive (is Lip(g) < 1? run "
-            "lipschitz_estimate / converge_spectral_norms), or raise inverse_max_iter.")
+            "lipschitz_estimate / converge_spectral_norms), or raise InverseConfig.max_iter.")
     if tf.executing_eagerly():
         if not bool(result.converged):
             text = f"{msg} {float(result.residual):.3g}. {hint}"

@@ -122,20 +122,19 @@ def _probe(shape, dtype, kind: str, seed) -> tf.Tensor:
     return tf.cast(2 * bits - 1, dtype)
 
 
-def as_stateless_seed(seed) -> tf.Tensor:
-    """A shape-[2] int32 stateless seed: ints and [2] tensors map deterministically, ``None``
-    draws a fresh seed from TF's global (stateful) RNG on every execution."""
-    if seed is None:
-        return tfp.random.sanitize_seed(None)
-    if isinstance(seed, int):
-        return tf.constant([seed % 2**31, 0x1E5], tf.int32)
-    return tf.cast(tf.convert_to_tensor(seed), tf.int32)
+def stateless_seed(seed) -> tf.Tensor:
+    """``tfp.random.sanitize_seed``, except that a Python int is a *stateless* seed too.
 
-
-def split_seed(seed, n: int) -> list[tf.Tensor]:
-    """``n`` independent stateless seeds derived from one."""
-    seeds = tf.random.split(as_stateless_seed(seed), num=n, alg="philox")
-    return [seeds[i] for i in range(n)]
+    TFP reads an int as a stateful seed (``sanitize_seed(3)`` differs on every call), which
+    would make ``seed=3`` non-deterministic; here it maps to the stateless seed
+    ``[0, seed mod 2^31]``. A shape-[2] int tensor is used as is (cast to int32) and ``None``
+    draws a fresh seed from TF's global RNG on every execution, as in TFP.
+    """
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        seed = (0, seed % 2**31)
+    elif tf.is_tensor(seed):
+        seed = tf.cast(seed, tf.int32)
+    return tfp.random.sanitize_seed(seed)
 
 
 def _event_sum(t: tf.Tensor) -> tf.Tensor:
@@ -173,7 +172,7 @@ def residual_and_logdet(
     """
     if config.method == "none":
         return g(x), None
-    seed = as_stateless_seed(seed)
+    seed = stateless_seed(seed)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
         gx = g(x)
@@ -184,12 +183,12 @@ def residual_and_logdet(
         return tape.gradient(gx, x, output_gradients=w,
                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-    roulette_seed, probe_seed = split_seed(seed, 2)
+    roulette_seed, probe_seed = tfp.random.split_seed(seed, 2)
     if config.method == "unbiased":
         n_total = config.n_exact_terms + _sample_roulette(config, roulette_seed)
     else:
         n_total = tf.constant(config.n_terms, tf.int32)
-    probe_seeds = split_seed(probe_seed, config.n_samples)
+    probe_seeds = tfp.random.split_seed(probe_seed, config.n_samples)
 
     estimates = []
     for s in range(config.n_samples):

@@ -9,7 +9,8 @@ import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import cache_util
 
 from tf_iresnet import fixed_point
-from tf_iresnet.logdet import LogDetConfig, as_stateless_seed, residual_and_logdet
+from tf_iresnet.fixed_point import InverseConfig
+from tf_iresnet.logdet import LogDetConfig, residual_and_logdet, stateless_seed
 from tf_iresnet.recompute import recompute_gradient
 
 tfb = tfp.bijectors
@@ -32,9 +33,9 @@ class InvertibleResidualBlock(tfb.Bijector):
 
     Inverse: the unique fixed point of ``x <- y - g(x)`` (Banach; the error after k steps is
     at most ``Lip(g)^k / (1 - Lip(g)) |y - g(y) - y|``), stopped when
-    ``|x_{k+1} - x_k| <= inverse_atol + inverse_rtol |x_{k+1}|`` elementwise over the batch.
-    ``inverse_solver="anderson"`` accelerates it. A solve that misses the tolerance within
-    ``inverse_max_iter`` evaluations raises (``inverse_on_failure="raise"``) or warns.
+    ``|x_{k+1} - x_k| <= atol + rtol |x_{k+1}|`` elementwise over the batch (an
+    ``InverseConfig``); ``solver="anderson"`` accelerates it. A solve that misses the tolerance
+    within ``max_iter`` evaluations raises (``on_failure="raise"``) or warns.
     Gradients do not flow through the inverse.
 
     Log-determinant: ``log|det(I + J_g)| = sum_{k>=1} (-1)^(k+1) tr(J_g^k) / k``, estimated
@@ -78,56 +79,41 @@ class InvertibleResidualBlock(tfb.Bijector):
         residual_fn: Callable[..., tf.Tensor],
         *,
         event_ndims: int,
-        logdet: str = "series",
-        n_terms: int = 5,
-        n_samples: int = 1,
-        probe: str = "gaussian",
-        n_exact_terms: int = 2,
-        roulette: str = "geometric",
-        roulette_param: float = 0.5,
-        max_roulette_terms: int = 30,
-        neumann_gradient: bool = False,
-        recompute: bool = False,
-        training: bool = False,
+        logdet: LogDetConfig | str = "series",
+        inverse: InverseConfig | None = None,
+        n_terms: int | None = None,
+        n_samples: int | None = None,
         seed=None,
-        inverse_solver: str = "fixed_point",
-        inverse_atol: float = 1e-5,
-        inverse_rtol: float = 1e-5,
-        inverse_max_iter: int = 100,
-        inverse_on_failure: str = "raise",
-        anderson_memory: int = 5,
+        recompute: bool = False,
         validate_args: bool = False,
         name: str | None = None,
     ):
         """Creates the block.
 
         Args:
-          residual_fn: Keras layer/model (or callable accepting ``training=``) computing g.
+          residual_fn: Keras layer/model (or callable accepting ``training=``) computing g; the
+            block always calls it with ``training=False`` (spectral-norm power iterations run
+            as a step of their own after the optimizer update, never inside a forward pass).
           event_ndims: rank of one event: 1 for vectors ``[D]``, 3 for NHWC images ``[H, W, C]``.
-          logdet: ``"exact"``, ``"series"``, ``"unbiased"`` or ``"none"``.
-          n_terms: terms of the truncated series (``"series"``). Default 5 (the paper's).
-          n_samples: Hutchinson probes per example. Default 1.
-          probe: ``"gaussian"`` or ``"rademacher"`` probe vectors.
-          n_exact_terms: terms always computed by ``"unbiased"``. Default 2.
-          roulette: ``"geometric"`` or ``"poisson"`` extra-term count for ``"unbiased"``.
-          roulette_param: geometric success probability (default 0.5) or Poisson rate.
-          max_roulette_terms: cap on the extra terms (``P(N > 30) < 1e-9`` at the default).
-          neumann_gradient: memory-saving gradient whose memory does not grow with the number
-            of terms; the returned log-det value is unchanged.
-          recompute: keep only the block's input for the backward pass and recompute g and the
-            log-det there (`tf_iresnet.recompute.recompute_gradient`): same values and
-            gradients, the memory of one block instead of all inside a `tf.function`, one more
-            forward pass with log-det per block.
-          training: passed to ``residual_fn`` on the forward pass (spectral normalization runs
-            its power iteration when True). The inverse always evaluates g with False.
+          logdet: the log-det estimator, a `tf_iresnet.LogDetConfig` (method, terms, probes,
+            roulette, Neumann gradient), or its method as a string, shorthand for
+            ``LogDetConfig(method=logdet)``: ``"exact"``, ``"series"`` (default),
+            ``"unbiased"`` or ``"none"``.
+          inverse: the fixed-point inverse, a `tf_iresnet.InverseConfig` (solver, tolerance,
+            budget, failure mode); ``None`` means ``InverseConfig()``.
+          n_terms, n_samples: shortcuts for the two most common estimator settings, the terms
+            of the truncated series and the Hutchinson probes per example. With a string
+            ``logdet`` they fill in ``LogDetConfig(method=logdet, n_terms=..., n_samples=...)``;
+            with a ``LogDetConfig`` they may only repeat its values (a different value raises
+            ``ValueError``, rather than silently picking one of the two). ``None``: the
+            config's value (defaults 5 and 1).
           seed: stateless seed (int or shape-[2] int tensor) for probes and roulette; ``None``
             draws fresh randomness on every call. Under ``tf.distribute`` pass a seed derived
             from the step so that every replica draws the same roulette count.
-          inverse_solver: ``"fixed_point"`` or ``"anderson"``.
-          inverse_atol, inverse_rtol: inverse tolerance (default 1e-5 each).
-          inverse_max_iter: budget of g evaluations for the inverse (default 100).
-          inverse_on_failure: ``"raise"`` or ``"warn"`` when the inverse does not converge.
-          anderson_memory: iterates combined by Anderson acceleration.
+          recompute: keep only the block's input for the backward pass and recompute g and the
+            log-det there (`tf_iresnet.recompute.recompute_gradient`): same values and
+            gradients, the memory of one block instead of all inside a `tf.function`, one more
+            forward pass with log-det per block. Both passes use the same seed.
           validate_args: check inputs are finite and of the right rank.
           name: name of the bijector.
         """
@@ -139,38 +125,18 @@ class InvertibleResidualBlock(tfb.Bijector):
             )
         if not callable(residual_fn):
             raise TypeError(f"residual_fn must be a Keras layer or callable, got {residual_fn!r}.")
-        if inverse_solver not in fixed_point.SOLVERS:
-            raise ValueError(
-                f"inverse_solver must be one of {fixed_point.SOLVERS}, got {inverse_solver!r}."
-            )
-        if inverse_on_failure not in fixed_point.ON_FAILURE:
-            raise ValueError(
-                f"inverse_on_failure must be one of {fixed_point.ON_FAILURE}, "
-                f"got {inverse_on_failure!r}."
-            )
-        if not (inverse_atol >= 0 and inverse_rtol >= 0 and inverse_atol + inverse_rtol > 0):
-            raise ValueError(
-                f"inverse_atol and inverse_rtol must be >= 0 and not both 0, got "
-                f"{inverse_atol}, {inverse_rtol}."
-            )
-        if not isinstance(inverse_max_iter, int) or inverse_max_iter < 1:
-            raise ValueError(f"inverse_max_iter must be an integer >= 1, got {inverse_max_iter!r}.")
-        self._config = LogDetConfig(
-            method=logdet, n_terms=n_terms, n_samples=n_samples, probe=probe,
-            n_exact_terms=n_exact_terms, roulette=roulette, roulette_param=roulette_param,
-            max_roulette_terms=max_roulette_terms, neumann_gradient=neumann_gradient,
-        )
+        self._config = _logdet_config(logdet, n_terms=n_terms, n_samples=n_samples)
+        if inverse is None:
+            inverse = InverseConfig()
+        if not isinstance(inverse, InverseConfig):
+            raise TypeError(f"inverse must be an InverseConfig or None, got {inverse!r}.")
+        self._inverse_config = inverse
+        # Equal settings give equal parameters (hence equal bijectors), however they were spelled.
+        parameters.update(logdet=self._config, inverse=inverse, n_terms=None, n_samples=None)
         self._residual_fn = residual_fn
         self._recompute = bool(recompute)
         self._event_ndims = event_ndims
-        self._training = bool(training)
         self._seed = seed
-        self._inverse_solver = inverse_solver
-        self._inverse_atol = inverse_atol
-        self._inverse_rtol = inverse_rtol
-        self._inverse_max_iter = inverse_max_iter
-        self._inverse_on_failure = inverse_on_failure
-        self._anderson_memory = anderson_memory
         with tf.name_scope(name or "invertible_residual_block") as name:
             super().__init__(
                 forward_min_event_ndims=event_ndims,
@@ -189,14 +155,18 @@ class InvertibleResidualBlock(tfb.Bijector):
     def logdet_config(self) -> LogDetConfig:
         return self._config
 
+    @property
+    def inverse_config(self) -> InverseConfig:
+        return self._inverse_config
+
     @classmethod
     def _parameter_properties(cls, dtype):
         return {}
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _g(self, x: tf.Tensor, training: bool) -> tf.Tensor:
-        gx = self._residual_fn(x, training=training)
+    def _g(self, x: tf.Tensor) -> tf.Tensor:
+        gx = self._residual_fn(x, training=False)
         if gx.shape.rank is not None and x.shape.rank is not None:
             if not gx.shape.is_compatible_with(x.shape):
                 raise ValueError(
@@ -236,24 +206,16 @@ class InvertibleResidualBlock(tfb.Bijector):
 
     def _augmented_forward(self, x):
         flat, batch_shape = self._flatten_batch(x)
-        if not self._recompute:
-            gx, ldj = residual_and_logdet(
-                lambda t: self._g(t, self._training), flat, self._config, seed=self._seed
-            )
-        else:
-            # One seed for both passes (a None seed would draw anew when recomputing), and no
-            # second power iteration: the recomputation reads the u, v the forward stored.
-            seed = as_stateless_seed(self._seed)
+        # One seed for both passes of the recompute path (a None seed would draw anew when
+        # recomputing).
+        seed = stateless_seed(self._seed) if self._recompute else self._seed
 
-            def residual(training):
-                def fn(t):
-                    gx, ldj = residual_and_logdet(
-                        lambda s: self._g(s, training), t, self._config, seed=seed)
-                    return gx if ldj is None else (gx, ldj)
-                return fn
+        def residual(t):
+            gx, ldj = residual_and_logdet(self._g, t, self._config, seed=seed)
+            return gx if ldj is None else (gx, ldj)
 
-            out = recompute_gradient(residual(self._training), residual(False))(flat)
-            gx, ldj = (out, None) if self._config.method == "none" else out
+        out = recompute_gradient(residual)(flat) if self._recompute else residual(flat)
+        gx, ldj = (out, None) if self._config.method == "none" else out
         y = self._unflatten(flat + gx, batch_shape, event=True)
         if ldj is None:
             return y, {}
@@ -263,14 +225,13 @@ class InvertibleResidualBlock(tfb.Bijector):
     def _augmented_inverse(self, y):
         flat, batch_shape = self._flatten_batch(y)
         flat = tf.stop_gradient(flat)
+        c = self._inverse_config
         result = fixed_point.solve_fixed_point(
-            lambda t: self._g(t, False), flat,
-            atol=self._inverse_atol, rtol=self._inverse_rtol, max_iter=self._inverse_max_iter,
-            method=self._inverse_solver, anderson_memory=self._anderson_memory,
+            self._g, flat, atol=c.atol, rtol=c.rtol, max_iter=c.max_iter, method=c.solver,
+            anderson_memory=c.anderson_memory,
         )
         x = fixed_point.check_converged(
-            result, max_iter=self._inverse_max_iter, atol=self._inverse_atol,
-            rtol=self._inverse_rtol, on_failure=self._inverse_on_failure,
+            result, max_iter=c.max_iter, atol=c.atol, rtol=c.rtol, on_failure=c.on_failure,
             what=f"{self.name} fixed-point inverse",
         )
         return self._unflatten(tf.stop_gradient(x), batch_shape, event=True), {}
@@ -302,3 +263,21 @@ class InvertibleResidualBlock(tfb.Bijector):
             _, attrs = self._augmented_forward(x)
             cached.update(attrs)
         return cached["ildj"]
+
+
+def _logdet_config(logdet: LogDetConfig | str, *, n_terms: int | None,
+                   n_samples: int | None) -> LogDetConfig:
+    """The block's ``LogDetConfig`` from ``logdet`` (config or method string) and shortcuts."""
+    shortcuts = {k: v for k, v in (("n_terms", n_terms), ("n_samples", n_samples))
+                 if v is not None}
+    if isinstance(logdet, str):
+        return LogDetConfig(method=logdet, **shortcuts)
+    if not isinstance(logdet, LogDetConfig):
+        raise TypeError(f"logdet must be a LogDetConfig or a method string, got {logdet!r}.")
+    for field, value in shortcuts.items():
+        if getattr(logdet, field) != value:
+            raise ValueError(
+                f"{field}={value!r} contradicts logdet=LogDetConfig(..., {field}="
+                f"{getattr(logdet, field)!r}); set {field} in the LogDetConfig only."
+            )
+    return logdet

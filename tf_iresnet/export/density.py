@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from tf_iresnet.export.checks import check_images, check_vectors
+from tf_iresnet.fixed_point import InverseConfig
 from tf_iresnet.lipschitz import converge_spectral_norms
 from tf_iresnet.models.density import IResNetFlow
 
@@ -30,7 +31,7 @@ def sample_seed(seed) -> tf.Tensor:
 
 
 # Tighter than the library default so that decode(encode(x)) is within 1e-4 of x.
-EXPORT_INVERSE = dict(inverse_atol=1e-6, inverse_rtol=1e-6, inverse_max_iter=500)
+EXPORT_INVERSE = dict(inverse=InverseConfig(atol=1e-6, rtol=1e-6, max_iter=500))
 _EVAL_SEED = (20190609, 1)
 
 

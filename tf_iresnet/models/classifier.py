@@ -67,6 +67,7 @@ from tf_iresnet.bijectors import (
     data_dependent_init,
 )
 from tf_iresnet.datasets import bits_per_dim
+from tf_iresnet.fixed_point import InverseConfig
 from tf_iresnet.logdet import METHODS as LOGDET_METHODS
 from tf_iresnet.residual import conv_branch
 
@@ -353,10 +354,11 @@ class IResNetClassifier(keras.Model):
             views.append(InvertibleResidualBlock(
                 branch, event_ndims=3, logdet=logdet, n_terms=n_terms,
                 seed=None if seed is None else block_seeds[i],
-                inverse_atol=inverse_atol or cfg.inverse_atol,
-                inverse_rtol=inverse_rtol or cfg.inverse_rtol,
-                inverse_max_iter=inverse_max_iter or cfg.inverse_max_iter,
-                inverse_on_failure=inverse_on_failure,
+                inverse=InverseConfig(
+                    atol=inverse_atol or cfg.inverse_atol,
+                    rtol=inverse_rtol or cfg.inverse_rtol,
+                    max_iter=inverse_max_iter or cfg.inverse_max_iter,
+                    on_failure=inverse_on_failure),
                 name=f"block_{i}"))
         return views
 

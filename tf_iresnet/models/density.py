@@ -21,7 +21,7 @@ from tf_iresnet.bijectors import (
 )
 from tf_iresnet.bijectors.multiscale import MultiScale
 from tf_iresnet.datasets.core import bits_per_dim
-from tf_iresnet.logdet import PROBES, split_seed
+from tf_iresnet.logdet import PROBES, LogDetConfig, stateless_seed
 from tf_iresnet.residual import conv_branch, dense_branch
 
 tfb = tfp.bijectors
@@ -217,12 +217,13 @@ class IResNetFlow(keras.Model):
     def _estimator_kwargs(self, mode: str) -> dict:
         c = self.config
         if mode == "train":
-            return dict(logdet=c.logdet, n_terms=c.n_terms, n_samples=c.n_samples,
-                        n_exact_terms=c.n_exact_terms, neumann_gradient=c.neumann_gradient,
-                        recompute=c.recompute, probe=c.probe)
+            return dict(logdet=LogDetConfig(
+                method=c.logdet, n_terms=c.n_terms, n_samples=c.n_samples,
+                n_exact_terms=c.n_exact_terms, neumann_gradient=c.neumann_gradient,
+                probe=c.probe), recompute=c.recompute)
         if mode == "eval":
-            return dict(logdet=c.eval_logdet, n_terms=c.eval_n_terms, n_samples=c.eval_n_samples,
-                        probe=c.probe)
+            return dict(logdet=LogDetConfig(method=c.eval_logdet, n_terms=c.eval_n_terms,
+                                            n_samples=c.eval_n_samples, probe=c.probe))
         if mode == "none":
             return dict(logdet="none")
         raise ValueError(f"mode must be 'train', 'eval' or 'none', got {mode!r}.")
@@ -235,13 +236,14 @@ class IResNetFlow(keras.Model):
             ``"none"`` (no log-det: encoding and decoding only).
           seed: stateless seed for the log-det estimators (each block gets its own stream).
           **block_kwargs: overrides for every ``InvertibleResidualBlock`` (e.g.
-            ``inverse_solver="anderson"``, ``inverse_atol=1e-6``).
+            ``inverse=InverseConfig(solver="anderson", atol=1e-6)``).
         """
         c = self.config
         kwargs = {**self._estimator_kwargs(mode), **block_kwargs}
         ndims = len(c.input_shape)
         n_blocks = len(self.branches)
-        seeds = [None] * n_blocks if seed is None else split_seed(seed, max(n_blocks, 1))
+        seeds = ([None] * n_blocks if seed is None
+                 else tfp.random.split_seed(stateless_seed(seed), max(n_blocks, 1)))
         scales = []
         for s, plan in enumerate(self._plan):
             steps = []
@@ -261,7 +263,7 @@ class IResNetFlow(keras.Model):
                     name=f"block_{i}", **kwargs))
             scales.append(tfb.Chain(list(reversed(steps)), name=f"scale_{s}"))
         return MultiScale(scales, c.input_shape, factor_out=c.factor_out and c.kind == "conv",
-                          compute_logdet=kwargs["logdet"] != "none")
+                          compute_logdet=getattr(kwargs["logdet"], "method", kwargs["logdet"]) != "none")
 
     def prior(self) -> tfd.Distribution:
         """The latent distribution, a diagonal Gaussian over ``[D]``."""
@@ -324,7 +326,7 @@ class IResNetFlow(keras.Model):
     def sample(self, n: int, seed, **block_kwargs) -> tf.Tensor:
         """``n`` samples ``[n, *input_shape]``: ``distribution().sample(n, seed=seed)`` (a
         prior draw from the stateless ``seed``, then the fixed-point inverse; ``block_kwargs``
-        as for `decode`, e.g. ``inverse_on_failure="warn"``). The export's ``sample`` endpoint
+        as for `decode`, e.g. ``inverse=InverseConfig(on_failure="warn")``). The export's ``sample`` endpoint
         takes the same path, so equal seeds give equal images."""
         return self.distribution(mode="none", **block_kwargs).sample(n, seed=seed)
 

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tf_iresnet import datasets, lipschitz_report
 from tf_iresnet.export.density import export_density_model
+from tf_iresnet.fixed_point import InverseConfig
 from tf_iresnet.models.density import DensityConfig, IResNetFlow
 from tf_iresnet.tasks import common
 from tf_iresnet.tasks.common import OPTIMIZERS as OPTIMIZERS  # re-exported for train.density
@@ -128,7 +129,7 @@ class Evaluator:
     def _reconstruct(self, x):
         z = self.model.encode(x)
         x_rec, iterations, residual = self.model.decode_with_stats(
-            z, inverse_on_failure="warn")
+            z, inverse=InverseConfig(on_failure="warn"))
         return x_rec, iterations, residual
 
     def __call__(self, step: int) -> dict[str, float]:
@@ -163,14 +164,14 @@ class Evaluator:
         tf.summary.histogram("lipschitz/layer_estimates", estimates, step=step)
         if self.is_image:
             samples = self.model.sample(self.cfg.num_samples, seed=(self.cfg.seed, step),
-                                        inverse_on_failure="warn")
+                                        inverse=InverseConfig(on_failure="warn"))
             image_summary("images/data", x, step)
             image_summary("images/reconstructions", tf.clip_by_value(x_rec, 0.0, 1.0), step)
             image_summary("images/samples", tf.clip_by_value(samples, 0.0, 1.0), step)
         else:
             image_summary("images/density", self.density_heatmap()[None], step)
             samples = self.model.sample(2000, seed=(self.cfg.seed, step),
-                                        inverse_on_failure="warn")
+                                        inverse=InverseConfig(on_failure="warn"))
             image_summary("images/samples", histogram_image(samples.numpy())[None], step)
         return results
 
