@@ -35,7 +35,8 @@ from tf_iresnet.tasks.classifier import (
     train_classifier,
 )
 from tf_iresnet.tasks.common import run_dirs, steps_for_epochs
-from train.flags import define_common_flags, run_task
+
+from .flags import define_common_flags, run_task
 
 _MODEL_FLAGS = ("coeff", "power_iterations", "hybrid_weight")
 
@@ -133,5 +134,11 @@ def main(argv):
 
 define_flags()
 
-if __name__ == "__main__":
+
+def run():
+    """Entry point of the ``tf-iresnet-classifier`` console script."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

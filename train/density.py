@@ -20,7 +20,8 @@ from tf_iresnet.tasks.density import (
     data_defaults,
     train_density,
 )
-from train.flags import define_common_flags, run_task
+
+from .flags import define_common_flags, run_task
 
 FLAGS = flags.FLAGS
 define_common_flags(
@@ -90,5 +91,10 @@ def main(argv):
         print(f"SavedModel: {results['export_dir']}")
 
 
-if __name__ == "__main__":
+def run():
+    """Entry point of the ``tf-iresnet-density`` console script."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()
