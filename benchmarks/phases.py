@@ -120,15 +120,15 @@ def _phase_train(cfg: BenchConfig, model, x) -> dict:
                 return loss
         else:
             variables = model.trainable_variables
-            step_var = trainer.step_var
 
             def fused():
+                # The step of this update, as the Trainer passes it (apply_gradients counts).
+                step = tf.convert_to_tensor(optimizer.iterations)
                 with tf.GradientTape() as tape:
-                    loss, _ = step_fn(model, x, step_var.read_value())
+                    loss, _ = step_fn(model, x, step)
                 grads = tape.gradient(loss, variables)
                 optimizer.apply_gradients(zip(grads, variables, strict=True))
                 update_spectral_norms(model)
-                step_var.assign_add(1)
                 return loss
 
             call = tf.function(fused, jit_compile=cfg.xla)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from tf_iresnet.tasks import run
 from tf_iresnet.tasks.classifier import (
     AUGMENTED_DATASETS,
     DATASET_DEFAULTS,
@@ -36,7 +35,9 @@ from tf_iresnet.tasks.classifier import (
     train_classifier,
 )
 from tf_iresnet.tasks.common import run_dirs, steps_for_epochs
-from train.flags import define_common_flags, run_task
+from tf_iresnet.tasks.run import default as config_default
+
+from .flags import define_common_flags, run_task
 
 _MODEL_FLAGS = ("coeff", "power_iterations", "hybrid_weight")
 
@@ -50,7 +51,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     # Before the common flags: their dataset/preset check also sees --hybrid_weight.
     flags.DEFINE_float("lr", None, "Peak SGD learning rate (default: 0.05 for digits, else "
                        "the paper's 0.1).", flag_values=fv)
-    flags.DEFINE_float("l2_penalty", run.default(ClassifierTrainConfig, "l2_penalty"),
+    flags.DEFINE_float("l2_penalty", config_default(ClassifierTrainConfig, "l2_penalty"),
                        "Coefficient wd of the L2 term 0.5 * wd * ||w||^2 in the loss (the "
                        "paper's 5e-4; PyTorch SGD's weight_decay).", lower_bound=0.0,
                        flag_values=fv)
@@ -136,5 +137,11 @@ def main(argv):
 
 define_flags()
 
-if __name__ == "__main__":
+
+def run():
+    """Entry point of the ``tf-iresnet-classifier`` console script."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

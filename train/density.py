@@ -16,7 +16,6 @@ import functools
 from absl import app, flags
 
 from tf_iresnet.logdet import METHODS, PROBES
-from tf_iresnet.tasks import run
 from tf_iresnet.tasks.common import run_dirs, steps_for_epochs
 from tf_iresnet.tasks.density import (
     OPTIMIZERS,
@@ -24,7 +23,9 @@ from tf_iresnet.tasks.density import (
     data_defaults,
     train_density,
 )
-from train.flags import define_common_flags, run_task
+from tf_iresnet.tasks.run import default as config_default
+
+from .flags import define_common_flags, run_task
 
 _MODEL_FLAGS = ("logdet", "n_terms", "n_samples", "n_exact_terms", "probe", "neumann_gradient",
                 "recompute", "coeff", "power_iterations")
@@ -42,7 +43,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                          "bench_mnist or mnist_density_paper for mnist, bench_cifar_small for "
                          "cifar10) or toy2d_density for the 2-D sets.",
         flag_values=fv)
-    default = functools.partial(run.default, DensityTrainConfig)
+    default = functools.partial(config_default, DensityTrainConfig)
     flags.DEFINE_enum("optimizer", default("optimizer"), list(OPTIMIZERS),
                       "Optimizer (the paper: adamax).", flag_values=fv)
     flags.DEFINE_float("lr", None, "Peak learning rate, reached after the warm-up (default 3e-3 "
@@ -84,7 +85,7 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> DensityTrainConfig:
     if fv.epochs is not None:
         train_steps = steps_for_epochs(fv.dataset, fv.epochs, batch_size)
     if train_steps is None:
-        train_steps = run.default(DensityTrainConfig, "train_steps")
+        train_steps = config_default(DensityTrainConfig, "train_steps")
     model_dir, export_dir = run_dirs(fv.preset, fv.dataset, fv.model_dir, fv.export_dir)
     overrides = {k: fv[k].value for k in _MODEL_FLAGS if fv[k].value is not None}
     return DensityTrainConfig(
@@ -109,7 +110,12 @@ def main(argv):
         print(f"SavedModel: {results['export_dir']}")
 
 
+def run():
+    """Entry point of the ``tf-iresnet-density`` console script."""
+    app.run(main)
+
+
 define_flags()
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -36,7 +36,6 @@ from tf_iresnet.tasks.run import RunConfig, Task, run
 from tf_iresnet.training import (
     WarmupSchedule,
     image_summary,
-    summaries,
 )
 
 # --- the run configuration ---------------------------------------------------------------------
@@ -190,9 +189,9 @@ class Evaluator:
         results["reconstruction_max_abs_error"] = float(tf.reduce_max(tf.abs(rec - first)))
         report = lipschitz_report(self.model, upper_bounds=False)
         for entry in report["layers"]:
-            summaries.scalar(f"lipschitz/{entry['name']}", entry["estimate"], step=step)
+            tf.summary.scalar(f"lipschitz/{entry['name']}", entry["estimate"], step=step)
         for entry in report["blocks"]:  # products over each residual branch g
-            summaries.scalar(f"lipschitz_block/{entry['name']}", entry["estimate"], step=step)
+            tf.summary.scalar(f"lipschitz_block/{entry['name']}", entry["estimate"], step=step)
         results["lipschitz_layer_max"] = max(e["estimate"] for e in report["layers"])
         results["lipschitz_block_max"] = max(e["estimate"] for e in report["blocks"])
         image_summary("images/inputs", first, step)

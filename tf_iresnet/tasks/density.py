@@ -28,7 +28,6 @@ from tf_iresnet.training import (
     WarmupSchedule,
     image_summary,
     save_image_grid,
-    summaries,
 )
 
 # (global batch size, peak learning rate) per kind of data. A 2-D example costs next to nothing,
@@ -157,9 +156,9 @@ class Evaluator:
         report = lipschitz_report(self.model, upper_bounds=False)
         estimates = [r["estimate"] for r in report["layers"]]
         for r in report["blocks"]:
-            summaries.scalar(f"lipschitz/{r['name']}", r["estimate"], step=step)
+            tf.summary.scalar(f"lipschitz/{r['name']}", r["estimate"], step=step)
         for r in report["layers"]:
-            summaries.scalar(f"lipschitz_layers/{r['name']}", r["estimate"], step=step)
+            tf.summary.scalar(f"lipschitz_layers/{r['name']}", r["estimate"], step=step)
         results["lipschitz_layer_max"] = max(estimates)
         tf.summary.histogram("lipschitz/layer_estimates", estimates, step=step)
         if self.is_image:

@@ -7,7 +7,7 @@ reads flags.
 from tf_iresnet.training.checkpoint import CheckpointError, CheckpointState
 from tf_iresnet.training.config import config_to_dict, read_config, write_config
 from tf_iresnet.training.images import image_summary, make_image_grid, save_image_grid
-from tf_iresnet.training.loop import Trainer, fit
+from tf_iresnet.training.loop import Trainer
 from tf_iresnet.training.schedules import WarmupSchedule
 from tf_iresnet.training.strategy import (
     STRATEGY_NAMES,
@@ -24,7 +24,6 @@ __all__ = [
     "Trainer",
     "WarmupSchedule",
     "config_to_dict",
-    "fit",
     "image_summary",
     "is_chief",
     "make_image_grid",

@@ -1,4 +1,5 @@
-"""Saving and resuming training state: model, optimizer, step counter and extra trackables.
+"""Saving and resuming training state: the model and the optimizer, whose step counter
+`optimizer.iterations` numbers the checkpoints.
 
 `CheckpointState` wraps `tf.train.Checkpoint` and `tf.train.CheckpointManager`. On this stack
 (Keras 3.15 / TF 2.21) a Keras 3 model and optimizer are `AutoTrackable`s, so
@@ -25,6 +26,7 @@ import tensorflow as tf
 from tf_iresnet.training.strategy import is_chief, task_info
 
 CHECKPOINT_PREFIX = "ckpt"
+MAX_TO_KEEP = 3
 
 
 class CheckpointError(RuntimeError):
@@ -41,22 +43,19 @@ class CheckpointState:
         model, optimizer = build_model(), keras.optimizers.Adam(1e-3)
         optimizer.build(model.trainable_variables)
     state = CheckpointState(model_dir, model=model, optimizer=optimizer, strategy=strategy)
-    step = state.restore_or_initialize()  # 0 for a fresh model_dir
+    step = state.restore_or_initialize()  # optimizer.iterations; 0 for a fresh model_dir
     ...
-    state.save(step)
+    state.save()  # model_dir/ckpt-<optimizer.iterations>
     ```
 
     Args:
-      model_dir: directory of the run; checkpoints are `model_dir/ckpt-<step>.*` and the
-        index file `model_dir/checkpoint`. Must be visible to all workers when multi-worker.
+      model_dir: directory of the run; checkpoints are `model_dir/ckpt-<step>.*`, `<step>`
+        being `optimizer.iterations`, and the index file `model_dir/checkpoint`. Must be
+        visible to all workers when multi-worker. The newest `MAX_TO_KEEP` are kept.
       model: the Keras model, built (its variables exist) before restoring.
-      optimizer: the Keras optimizer, or None to checkpoint the model alone.
-      step: int64 scalar `tf.Variable` counting training steps; created (under the strategy
-        scope) when None.
+      optimizer: the Keras optimizer (built, see above); its `iterations` is the step.
       strategy: the strategy the variables were created under; defaults to the current one.
         Decides which worker writes to `model_dir`.
-      max_to_keep: how many recent checkpoints to keep. Default 3.
-      **trackables: anything else to save, e.g. a `tf.random.Generator`.
     """
 
     def __init__(
@@ -64,31 +63,21 @@ class CheckpointState:
         model_dir: str,
         *,
         model: keras.Model,
-        optimizer: keras.optimizers.Optimizer | None = None,
-        step: tf.Variable | None = None,
+        optimizer: keras.optimizers.Optimizer,
         strategy: tf.distribute.Strategy | None = None,
-        max_to_keep: int = 3,
-        **trackables,
     ):
         self.model_dir = model_dir
         self.strategy = strategy or tf.distribute.get_strategy()
         self.is_chief = is_chief(self.strategy)
-        if step is None:
-            with self.strategy.scope():
-                step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        self.step = step
-        items = dict(model=model, step=step, **trackables)
-        if optimizer is not None:
-            items["optimizer"] = optimizer
-        self.checkpoint = tf.train.Checkpoint(**items)
-        self.max_to_keep = max_to_keep
+        self.optimizer = optimizer
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
         self._manager: tf.train.CheckpointManager | None = None
         if self.is_chief:
             tf.io.gfile.makedirs(model_dir)
             self._manager = tf.train.CheckpointManager(
                 self.checkpoint,
                 model_dir,
-                max_to_keep=max_to_keep,
+                max_to_keep=MAX_TO_KEEP,
                 checkpoint_name=CHECKPOINT_PREFIX,
             )
 
@@ -115,17 +104,20 @@ class CheckpointState:
             )
         return None
 
-    def restore_or_initialize(self, *, strict: bool = True) -> int:
+    @property
+    def step(self) -> int:
+        """The step counter, `optimizer.iterations`."""
+        return int(self.optimizer.iterations.numpy())
+
+    def restore_or_initialize(self) -> int:
         """Restores the newest checkpoint if there is one; returns the step to resume from.
 
-        Args:
-          strict: require the checkpoint and the objects given to match one-to-one (every saved
-            value used, every existing variable restored). False allows restoring a subset,
-            e.g. only the model for evaluation.
+        The checkpoint and the objects given must match one-to-one (every saved value used,
+        every existing variable restored).
 
         Returns:
-          The restored step counter, or 0 (variables untouched) when `model_dir` holds no
-          checkpoint.
+          The restored `optimizer.iterations`, or 0 (variables untouched) when `model_dir`
+          holds no checkpoint.
 
         Raises:
           CheckpointError: the checkpoint is corrupt or unreadable (the message names its files
@@ -139,11 +131,7 @@ class CheckpointState:
         status = None
         try:
             status = self.checkpoint.restore(path)
-            if strict:
-                status.assert_consumed()
-            else:
-                status.expect_partial()
-                status.assert_existing_objects_matched()
+            status.assert_consumed()
         except (ValueError, AssertionError) as e:
             if status is not None:
                 status.expect_partial()  # no second warning about unused values on deletion
@@ -160,20 +148,17 @@ class CheckpointState:
                 f"previous checkpoint in {self.model_dir} (if any), or train with a fresh "
                 "--model_dir."
             ) from e
-        return int(self.step.numpy())
+        return self.step
 
-    def save(self, step: int | None = None) -> str | None:
-        """Saves a checkpoint numbered `step` (the step counter's value when None).
+    def save(self) -> str | None:
+        """Saves a checkpoint numbered by the step counter, `optimizer.iterations`.
 
-        When `step` is given, the step counter is first set to it, so restoring returns it.
         Every worker must call this; only the chief's copy is kept.
 
         Returns:
           The checkpoint path prefix on the chief, None on other workers.
         """
-        if step is not None:
-            self.step.assign(step)
-        number = int(self.step.numpy())
+        number = self.step
         if self._manager is not None:
             return self._manager.save(checkpoint_number=number)
         _, task_id = task_info(self.strategy)

@@ -11,8 +11,6 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tf_iresnet.training import summaries
-
 
 def make_image_grid(
     images: tf.Tensor | np.ndarray,
@@ -84,10 +82,9 @@ def image_summary(
 ) -> bool:
     """Logs the first `max_images` of `images` ([N, H, W, C] in [0, 1]) as one grid image.
 
-    Writes to the default `tf.summary` writer (set one with `writer.as_default()`); returns
-    False, writing nothing, when there is none (e.g. on non-chief workers). Needs no
-    `tensorboard` package (see `summaries`).
+    Writes with `tf.summary.image` to the default writer (set one with `writer.as_default()`);
+    returns False, writing nothing, when there is none (e.g. on non-chief workers).
     """
     images = tf.convert_to_tensor(images)[:max_images]
     grid = make_image_grid(images, nrow=nrow)
-    return summaries.image(name, grid[tf.newaxis], step=step)
+    return bool(tf.summary.image(name, grid[tf.newaxis], step=step))

@@ -11,9 +11,10 @@ replica context, inside the tape the loop differentiates:
 
 * `model`: the Keras model given to the `Trainer`.
 * `batch`: this replica's part of the global batch, as the dataset yields it (any nest).
-* `step`: int64 scalar tensor, the global step of this update (0 for the first update), equal
-  on every replica and every worker; use it to key stateless randomness that must agree across
-  replicas (e.g. the random number of log-det terms).
+* `step`: int64 scalar tensor, the global step of this update (0 for the first update): the
+  value of `optimizer.iterations` before this update, equal on every replica and every worker.
+  Use it to key stateless randomness that must agree across replicas (e.g. the random number
+  of log-det terms).
 * `loss`: float scalar tensor, the MEAN of the per-example objective over this replica's batch,
   i.e. exactly what one would minimise on a single device. The loop divides it by
   `strategy.num_replicas_in_sync` before differentiating, so the gradients the optimizer sums
@@ -42,7 +43,6 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_iresnet.training import summaries
 from tf_iresnet.training.checkpoint import CheckpointState
 from tf_iresnet.training.config import config_to_dict, read_config, write_config
 from tf_iresnet.training.strategy import is_chief
@@ -59,9 +59,9 @@ class Trainer:
 
     Per step (one `tf.function` call, no host synchronisation): each replica computes its
     loss and gradients (optionally XLA-compiled), the Keras optimizer all-reduces (sums) the
-    gradients and applies them, `post_step_fn` runs, the step counter increments, and the loss
-    and metrics are averaged over replicas. Every `log_every` steps the chief writes the
-    interval means of loss and metrics, the learning rate and the speed to TensorBoard
+    gradients and applies them (incrementing `optimizer.iterations`, the one step counter),
+    `post_step_fn` runs, and the loss and metrics are averaged over replicas. Every `log_every`
+    steps the chief writes the interval means of loss and metrics, the learning rate and the speed to TensorBoard
     (`model_dir/train`) and to a progress bar; every `eval_every` steps it calls `eval_fn`
     (results to `model_dir/eval`); every `checkpoint_every` steps and at the end all workers
     save (only the chief's copy is kept). A new `Trainer` on the same `model_dir` resumes from
@@ -91,7 +91,7 @@ class Trainer:
       optimizer: Keras optimizer, created under `strategy.scope()`; built here if needed.
       train_step_fn: see the module docstring for the contract.
       model_dir: run directory for checkpoints, `config.json` and TensorBoard logs.
-      total_steps: train until the step counter reaches this.
+      total_steps: train until `optimizer.iterations` reaches this.
       log_every: steps between TensorBoard/progress-bar updates. Default 100.
       checkpoint_every: steps between checkpoints (one is also saved at the end); 0 saves
         only at the end. Default 1000.
@@ -106,11 +106,8 @@ class Trainer:
       jit_compile: XLA-compile the per-replica forward and backward pass. The optimizer update
         stays outside XLA: compiled under `MirroredStrategy` it fails on this stack, because its
         cross-replica update reaches variables on the other replicas' devices.
-      max_to_keep: checkpoints kept. Default 3.
       config: optional dataclass or dict, written to `model_dir/config.json` by the chief.
-      checkpoint_items: extra trackables to checkpoint (e.g. a `tf.random.Generator`).
       progress: show a `keras.utils.Progbar` on the chief. Default True.
-      stop_on_nan: raise `FloatingPointError` when a logged loss is not finite. Default True.
 
     Raises:
       ValueError: for bad step counts, or a model/optimizer not created under the strategy.
@@ -131,11 +128,8 @@ class Trainer:
         eval_fn: EvalFn | None = None,
         post_step_fn: PostStepFn | None = None,
         jit_compile: bool = False,
-        max_to_keep: int = 3,
         config: Any = None,
-        checkpoint_items: Mapping[str, Any] | None = None,
         progress: bool = True,
-        stop_on_nan: bool = True,
     ):
         if total_steps < 0 or log_every < 1 or checkpoint_every < 0 or eval_every < 0:
             raise ValueError(
@@ -157,28 +151,13 @@ class Trainer:
         self.eval_every = int(eval_every)
         self.jit_compile = bool(jit_compile)
         self.progress = progress
-        self.stop_on_nan = stop_on_nan
         self.is_chief = is_chief(strategy)
 
-        with strategy.scope():
-            self.step_var = tf.Variable(
-                0,
-                dtype=tf.int64,
-                trainable=False,
-                name="global_step",
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-            )
-            if not optimizer.built:
+        if not optimizer.built:
+            with strategy.scope():
                 optimizer.build(model.trainable_variables)
-        self.checkpoint = CheckpointState(
-            model_dir,
-            model=model,
-            optimizer=optimizer,
-            step=self.step_var,
-            strategy=strategy,
-            max_to_keep=max_to_keep,
-            **dict(checkpoint_items or {}),
-        )
+        self.checkpoint = CheckpointState(model_dir, model=model, optimizer=optimizer,
+                                          strategy=strategy)
         if self.is_chief:
             tf.io.gfile.makedirs(model_dir)
             if config is not None:
@@ -205,8 +184,8 @@ class Trainer:
 
     @property
     def step(self) -> int:
-        """The number of optimizer steps taken so far (the step counter's value)."""
-        return int(self.step_var.numpy())
+        """The number of optimizer steps taken so far: `optimizer.iterations`."""
+        return int(self.optimizer.iterations.numpy())
 
     def restore(self) -> int:
         """Restores the newest checkpoint of `model_dir`, if any; returns the step to resume at.
@@ -252,14 +231,14 @@ class Trainer:
         return tf.cast(loss, tf.float32), metrics
 
     def _distributed_step(self, batch: Any):
-        step = self.step_var.read_value()
+        # Read in cross-replica context before the update: the step of this update, the same
+        # on every replica (the optimizer increments `iterations` once, in `apply_gradients`).
+        step = tf.cast(tf.convert_to_tensor(self.optimizer.iterations), tf.int64)
         learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
         loss, metrics = self.strategy.run(self._replica_step, args=(batch, step))
         mean = tf.distribute.ReduceOp.MEAN
         loss = self.strategy.reduce(mean, loss, axis=None)
         metrics = {k: self.strategy.reduce(mean, v, axis=None) for k, v in metrics.items()}
-        with tf.control_dependencies([loss, *metrics.values()]):
-            self.step_var.assign_add(1)
         return loss, metrics, learning_rate
 
     def train_step(self, batch: Any) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor]:
@@ -287,7 +266,7 @@ class Trainer:
           and the last evaluation results as `eval/<name>`.
 
         Raises:
-          FloatingPointError: a logged loss is NaN or infinite (with `stop_on_nan`).
+          FloatingPointError: a logged loss is NaN or infinite.
           CheckpointError: from restoring (see `restore`).
         """
         start = self.restore() if not self._restored else self.step
@@ -304,6 +283,8 @@ class Trainer:
             progbar = keras.utils.Progbar(
                 self.total_steps - start, stateful_metrics=None, stateless_metrics=()
             )
+        # `step` mirrors `optimizer.iterations` on the host (each update adds one) so that the
+        # loop needs no host synchronisation between logs; it is re-read at every log.
         step, last_saved, last_eval = start, start, -1
         sums: dict[str, tf.Tensor] = {}
         count, tick = 0, time.perf_counter()
@@ -315,6 +296,7 @@ class Trainer:
             for name, value in {"loss": loss, **metrics}.items():
                 sums[name] = value if name not in sums else sums[name] + value
             if step % self.log_every == 0 or step == self.total_steps:
+                step = self.step  # the host is synchronised here anyway
                 logs = {k: float(v) / count for k, v in sums.items()}
                 logs["learning_rate"] = float(learning_rate)
                 now = time.perf_counter()
@@ -325,7 +307,7 @@ class Trainer:
                     shown = [(k, v) for k, v in logs.items() if k != "steps_per_second"]
                     progbar.update(step - start, values=shown)  # it shows its own speed
                 results.update(logs)
-                if self.stop_on_nan and not math.isfinite(logs["loss"]):
+                if not math.isfinite(logs["loss"]):
                     raise FloatingPointError(
                         f"Loss is {logs['loss']} at step {step}; the last checkpoint is "
                         f"{self.checkpoint.latest_checkpoint}."
@@ -362,15 +344,7 @@ class Trainer:
     def _write_scalars(writer, values: Mapping[str, float], step: int) -> None:
         with writer.as_default():
             for name, value in values.items():
-                summaries.scalar(name, value, step=step)
-
-
-def fit(
-    dataset: tf.data.Dataset | Iterable,
-    **trainer_kwargs: Any,
-) -> dict[str, float]:
-    """Builds a `Trainer(**trainer_kwargs)` and trains it on `dataset`; see `Trainer.train`."""
-    return Trainer(**trainer_kwargs).train(dataset)
+                tf.summary.scalar(name, value, step=step)
 
 
 def _next_batch(iterator, dataset):
