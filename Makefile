@@ -21,15 +21,15 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 	$(MAKE) --no-print-directory test-other-kernels
 
 # The kernel-sensitive tests once more on the other CPU kernel set: TensorFlow uses oneDNN by
 # default only on CPUs with AVX-512, and TF_ENABLE_ONEDNN_OPTS flips it either way, so a change
 # that works on one kernel set only cannot pass.
 KERNEL_TESTS := tests/test_lipschitz_operators.py tests/test_lipschitz_solvers.py \
-	tests/test_lipschitz_fft_bound.py tests/test_lipschitz_layer.py tests/test_lipschitz_model.py \
-	tests/test_iresblock.py tests/test_benchmarks_*.py
+	tests/test_lipschitz_fft_bound.py tests/test_lipschitz_layer.py tests/test_logdet.py \
+	tests/test_benchmarks_measure.py tests/test_benchmarks_phases.py
 
 test-other-kernels: venv
 	@on=$$($(PY) -c "from tensorflow.python.util import _pywrap_util_port as p; print(int(p.IsMklEnabled()))" 2>/dev/null) && \

@@ -156,8 +156,7 @@ def _phase_eval_bpd(cfg: BenchConfig, model, x) -> dict:
     import tensorflow as tf
 
     def log_prob():
-        log_pz, logdet = model.log_prob_parts(x, mode=cfg.eval_estimator, seed=(cfg.seed, 1),
-                                              data_init=False)
+        log_pz, logdet = model.log_prob_parts(x, mode=cfg.eval_estimator, seed=(cfg.seed, 1))
         return tf.reduce_mean(model.bits_per_dim(log_pz + logdet))
 
     fn = tf.function(log_prob, jit_compile=cfg.xla)
@@ -230,7 +229,7 @@ def _phase_breakdown(cfg: BenchConfig, model, x) -> dict:
     seed = tf.constant([cfg.seed, 7], tf.int32)
 
     def loss_fn(mode):
-        log_pz, logdet = model.log_prob_parts(x, mode=mode, seed=seed, data_init=False)
+        log_pz, logdet = model.log_prob_parts(x, mode=mode, seed=seed)
         return -tf.reduce_mean(log_pz + (0.0 if logdet is None else logdet))
 
     def grads(mode):
