@@ -21,7 +21,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=25 tests
 	$(MAKE) --no-print-directory test-other-kernels
 
 # The kernel-sensitive tests once more on the other CPU kernel set: TensorFlow uses oneDNN by
@@ -35,7 +35,7 @@ test-other-kernels: venv
 	@on=$$($(PY) -c "from tensorflow.python.util import _pywrap_util_port as p; print(int(p.IsMklEnabled()))" 2>/dev/null) && \
 	flip=$$((1 - on)) && \
 	echo "Kernel tests again with TF_ENABLE_ONEDNN_OPTS=$$flip (oneDNN was $$([ $$on = 1 ] && echo on || echo off))" && \
-	TF_ENABLE_ONEDNN_OPTS=$$flip $(PY) -m pytest -q $(KERNEL_TESTS)
+	TF_ENABLE_ONEDNN_OPTS=$$flip $(PY) -m pytest -q -n 2 --dist worksteal $(KERNEL_TESTS)
 
 demo: venv
 	$(PY) -m train.density --preset=digits_density
