@@ -102,6 +102,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     results = run_task(train_density, lambda: config_from_flags(flags.FLAGS))
+    print(f"final weights checksum: {results['weights_checksum']:.10e}")
     if "samples_png" not in results:
         return  # a non-chief worker: the chief reports, saves and exports
     print(f"test bits/dim: {results['test_bits_per_dim']:.4f}")

@@ -169,6 +169,9 @@ def run(task: Task) -> dict:
     results = trainer.train(train)
     results["num_replicas"] = strategy.num_replicas_in_sync
     results["step"] = trainer.step
+    # Every worker reports it: workers (and replicas) must end with identical weights.
+    results["weights_checksum"] = float(
+        sum(tf.reduce_sum(tf.cast(w, tf.float64)) for w in model.weights))
     if not trainer.is_chief:
         return results
     converge_spectral_norms(model)  # the exported model is the converged one
