@@ -61,7 +61,7 @@ def test_other_presets():
     assert presets.config("cifar100_classifier_paper").num_classes == 100
     hybrid = presets.config("digits_hybrid")
     assert hybrid.hybrid and hybrid.pad_channels == 0
-    assert presets.kind("digits_classifier") == "classifier"
+    assert presets.task("digits_classifier") == "classifier"
     assert isinstance(presets.build("digits_classifier"), keras.Model)
 
 

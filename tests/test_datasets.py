@@ -53,10 +53,10 @@ def test_names_and_specs():
         s = datasets.spec(name)
         assert s.name == name
         assert s.train_split in s.splits and s.test_split in s.splits
-        if s.kind == "image":
+        if s.modality == "image":
             assert len(s.shape) == 3 and s.num_levels in (17, 256)
         else:
-            assert s.kind == "vector" and s.shape == (2,) and s.num_levels is None
+            assert s.modality == "vector" and s.shape == (2,) and s.num_levels is None
             assert s.source == "generated" and s.num_classes is None
     digits = datasets.spec("digits")
     assert (digits.shape, digits.num_levels, digits.num_classes, digits.source) == (

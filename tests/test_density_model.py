@@ -25,7 +25,7 @@ TINY_CONV = DensityConfig(
 TINY_DENSE = DensityConfig(
     input_shape=(2,),
     num_levels=None,
-    kind="dense",
+    architecture="dense",
     blocks=(3,),
     hidden_channels=16,
     activation="lipswish",
@@ -50,7 +50,7 @@ def _model(config, seed=0):
 
 def _data(config, n, seed=0):
     shape = [n, *config.input_shape]
-    if config.kind == "conv":
+    if config.architecture == "conv":
         return tf.random.stateless_uniform(shape, seed=[seed, 9])
     return tf.random.stateless_normal(shape, seed=[seed, 9])
 

@@ -114,8 +114,8 @@ def _sample_roulette(config: LogDetConfig, seed) -> tf.Tensor:
 # Random numbers use an explicit algorithm (Philox) rather than a per-device auto-selection.
 # A given seed gives the same draws eagerly and in graphs; XLA-compiled code draws another
 # (equally valid) stream from the same seed.
-def _probe(shape, dtype, kind: str, seed) -> tf.Tensor:
-    if kind == "gaussian":
+def _probe(shape, dtype, distribution: str, seed) -> tf.Tensor:
+    if distribution == "gaussian":
         return tf.random.stateless_normal(shape, seed=seed, dtype=dtype, alg="philox")
     bits = tf.random.stateless_uniform(shape, seed=seed, minval=0, maxval=2, dtype=tf.int32,
                                        alg="philox")

@@ -35,7 +35,7 @@ _DENSITY = {
         input_shape=(8, 8, 1), num_levels=17, initial_squeeze=True,
         blocks=(4, 4), hidden_channels=64, strides=(1, 2), eval_logdet="exact"),
     "toy2d_density": DensityConfig(
-        input_shape=(2,), num_levels=None, kind="dense", blocks=(10,), hidden_channels=64,
+        input_shape=(2,), num_levels=None, architecture="dense", blocks=(10,), hidden_channels=64,
         activation="lipswish", preprocessing="none", eval_logdet="exact", prior="fixed"),
 }
 
@@ -80,7 +80,7 @@ def config(name: str):
     return presets[name]
 
 
-def kind(name: str) -> str:
+def task(name: str) -> str:
     """``"density"`` or ``"classifier"``."""
     return "density" if isinstance(config(name), DensityConfig) else "classifier"
 

@@ -71,7 +71,7 @@ def define_common_flags(
     (two binaries' flags never share a process; tests pass their own `FlagValues`).
 
     Args:
-      task: the preset kind (`tf_iresnet.presets.kind`) that ``--preset`` offers.
+      task: the preset task (`tf_iresnet.presets.task`) that ``--preset`` offers.
       default_preset, default_dataset: defaults of ``--preset`` and ``--dataset``.
       config_type: the task's `RunConfig` subclass: the flags' defaults are its fields'
         defaults (one place for each default). ``--train_steps`` and ``--epochs`` default to
@@ -105,7 +105,7 @@ def define_common_flags(
             extra["lower_bound"] = bounds[name]
         return extra
 
-    preset_names = [n for n in presets.names() if presets.kind(n) == task]
+    preset_names = [n for n in presets.names() if presets.task(n) == task]
     flags.DEFINE_enum("dataset", default_dataset, list(dataset_names or datasets.names()),
                       helps["dataset"], flag_values=fv)
     flags.DEFINE_enum("preset", default_preset, preset_names, helps["preset"], flag_values=fv)

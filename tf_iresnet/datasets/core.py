@@ -31,7 +31,7 @@ class DatasetSpec:
 
     Attributes:
       name: the registry name passed to `load` (e.g. "cifar10", "8gaussians").
-      kind: "image" (float32 NHWC in [0, 1]) or "vector" (float32 points in R^d).
+      modality: "image" (float32 NHWC in [0, 1]) or "vector" (float32 points in R^d).
       shape: the event shape of one example: (H, W, C) for images, (2,) for the toy sets.
       num_levels: gray levels per channel of the quantized source images (256 for 8-bit data,
         17 for scikit-learn's digits); None for continuous vector data.
@@ -43,7 +43,7 @@ class DatasetSpec:
     """
 
     name: str
-    kind: str
+    modality: str
     shape: tuple[int, ...]
     num_levels: int | None
     num_classes: int | None

@@ -60,7 +60,7 @@ class _Source:
 def _spec(name, shape, num_levels, num_classes, source, splits=("train", "test")):
     return core.DatasetSpec(
         name=name,
-        kind=core.IMAGE,
+        modality=core.IMAGE,
         shape=shape,
         num_levels=num_levels,
         num_classes=num_classes,
@@ -150,14 +150,14 @@ def bin_centres(images: tf.Tensor, num_levels: int) -> tf.Tensor:
     return (tf.cast(images, tf.float32) + 0.5) / float(num_levels)
 
 
-def _augment_fn(kind: str, shape: tuple[int, ...]):
+def _augment_fn(augmentation: str, shape: tuple[int, ...]):
     """(key, uint8 [H, W, C]) -> uint8 [H, W, C]: pad-4 random crop, optionally a random flip."""
 
     def augment(key, image):
         crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
         padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]])
         image = tf.image.stateless_random_crop(padded, shape, seed=crop_key)
-        if kind == _CROP_FLIP:
+        if augmentation == _CROP_FLIP:
             image = tf.image.stateless_random_flip_left_right(image, seed=flip_key)
         return image
 

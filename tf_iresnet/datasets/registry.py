@@ -113,7 +113,7 @@ def load(
     core.check_num_examples(num_examples)
     if with_labels and ds_spec.num_classes is None:
         raise ValueError(f"Dataset {name!r} has no labels; use with_labels=False.")
-    if augment and ds_spec.kind != core.IMAGE:
+    if augment and ds_spec.modality != core.IMAGE:
         raise ValueError(f"augment=True is only defined for image datasets, not {name!r}.")
     if augment and not with_labels:
         raise ValueError(
@@ -121,7 +121,7 @@ def load(
             "trained on the unaugmented data distribution."
         )
     batch_size = int(batch_size)
-    if ds_spec.kind == core.VECTOR:
+    if ds_spec.modality == core.VECTOR:
         return toy2d.load_toy(
             ds_spec,
             split,

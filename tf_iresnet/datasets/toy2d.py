@@ -138,7 +138,7 @@ TOY_NAMES: tuple[str, ...] = tuple(_SAMPLERS)
 SPECS: dict[str, core.DatasetSpec] = {
     name: core.DatasetSpec(
         name=name,
-        kind=core.VECTOR,
+        modality=core.VECTOR,
         shape=(2,),
         num_levels=None,
         num_classes=None,

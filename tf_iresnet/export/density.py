@@ -41,7 +41,7 @@ def export_density_model(model: IResNetFlow, export_dir: str, *, converge: bool 
         converge_spectral_norms(model)
     cfg = model.config
     shape = list(cfg.input_shape)
-    is_image = cfg.kind == "conv"
+    is_image = cfg.architecture == "conv"
     dim = cfg.event_size
 
     def check_x(x):

@@ -191,13 +191,13 @@ class SpectralNormalization(keras.layers.Layer):
         self._is_conv = isinstance(layer, keras.layers.Conv2D)
         if self._is_conv:
             self._spec = _OperatorSpec(
-                kind="conv2d",
+                operator="conv2d",
                 strides=tuple(int(s) for s in layer.strides),
                 padding=layer.padding.upper(),
                 dilations=tuple(int(d) for d in layer.dilation_rate),
             )
         else:
-            self._spec = _OperatorSpec(kind="dense")
+            self._spec = _OperatorSpec(operator="dense")
         self._input_hw: tuple[int, int] | None = None
 
     # -- construction ------------------------------------------------------------------------

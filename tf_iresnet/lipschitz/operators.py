@@ -22,14 +22,14 @@ class _OperatorSpec(NamedTuple):
     same configuration share a trace.
 
     Attributes:
-      kind: ``"dense"`` (``A v = W^T v`` for a kernel ``W`` of shape ``[in, out]``) or
+      operator: ``"dense"`` (``A v = W^T v`` for a kernel ``W`` of shape ``[in, out]``) or
         ``"conv2d"`` (``A v = conv2d(v, W)``, NHWC, kernel ``[kh, kw, in, out]``).
       strides: convolution strides ``(sh, sw)``.
       padding: ``"SAME"`` or ``"VALID"``.
       dilations: convolution dilation rates ``(dh, dw)``.
     """
 
-    kind: str
+    operator: str
     strides: tuple[int, int] = (1, 1)
     padding: str = "VALID"
     dilations: tuple[int, int] = (1, 1)
@@ -40,7 +40,7 @@ def _matvec(spec: _OperatorSpec, kernel: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
 
     Shapes: dense ``v [in] -> [out]``; conv2d ``v [1, H, W, C_in] -> [1, H', W', C_out]``.
     """
-    if spec.kind == "dense":
+    if spec.operator == "dense":
         return tf.linalg.matvec(kernel, v, transpose_a=True)
     return tf.nn.conv2d(
         v,
@@ -63,7 +63,7 @@ def _rmatvec(
     neither the transpose nor the gradient of a dilated ``conv2d`` would run there. The batch-1
     power iterations hardly notice the zeros.
     """
-    if spec.kind == "dense":
+    if spec.operator == "dense":
         return tf.linalg.matvec(kernel, u)
     return tf.nn.conv2d_transpose(
         u,

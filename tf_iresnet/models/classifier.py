@@ -261,9 +261,9 @@ class IResNetClassifier(keras.Model):
                 state.build((None, *(config.input_shape if i == 0 and config.pad_channels
                                      else shape)))
                 setattr(self, f"actnorm_{i}", state)
-            setattr(self, f"block_{i}", conv_branch(
+            setattr(self, f"branch_{i}", conv_branch(
                 shape, hidden, coeff=config.coeff, power_iterations=config.power_iterations,
-                activation=config.activation, leading_activation=i > 0, name=f"block_{i}"))
+                activation=config.activation, leading_activation=i > 0, name=f"branch_{i}"))
         channels = config.feature_shape[-1]
         self.head_norm = keras.layers.BatchNormalization(
             momentum=config.bn_momentum, epsilon=1e-5, name="head_norm")
@@ -285,7 +285,7 @@ class IResNetClassifier(keras.Model):
     @property
     def branches(self) -> list[keras.Sequential]:
         """The residual branches g of the blocks, in order."""
-        return [getattr(self, f"block_{i}") for i in range(len(self._squeeze_first))]
+        return [getattr(self, f"branch_{i}") for i in range(len(self._squeeze_first))]
 
     @property
     def actnorm_states(self) -> list[ActNormState]:

@@ -38,7 +38,7 @@ class DensityConfig:
       input_shape: event shape, ``(H, W, C)`` for images or ``(D,)`` for vectors.
       num_levels: quantization levels of the data (256 for 8-bit images, 17 for digits) used for
         bits/dim; None for continuous data.
-      kind: ``"conv"`` (multi-scale convolutional flow) or ``"dense"`` (fully connected).
+      architecture: ``"conv"`` (multi-scale convolutional flow) or ``"dense"`` (fully connected).
       initial_squeeze: squeeze the input before the first scale (the paper's CIFAR model).
       blocks: residual blocks per scale (one scale for ``"dense"``).
       hidden_channels: hidden width of every residual branch (channels or units).
@@ -67,7 +67,7 @@ class DensityConfig:
 
     input_shape: tuple[int, ...]
     num_levels: int | None = 256
-    kind: str = "conv"
+    architecture: str = "conv"
     initial_squeeze: bool = False
     blocks: tuple[int, ...] = (4,)
     hidden_channels: int = 64
@@ -98,11 +98,11 @@ class DensityConfig:
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
         strides = self.strides or (1,) * len(self.blocks)
         object.__setattr__(self, "strides", tuple(int(s) for s in strides))
-        if self.kind not in ("conv", "dense"):
-            raise ValueError(f"kind must be 'conv' or 'dense', got {self.kind!r}.")
-        if self.kind == "conv" and len(self.input_shape) != 3:
+        if self.architecture not in ("conv", "dense"):
+            raise ValueError(f"architecture must be 'conv' or 'dense', got {self.architecture!r}.")
+        if self.architecture == "conv" and len(self.input_shape) != 3:
             raise ValueError(f"conv models need input_shape (H, W, C), got {self.input_shape}.")
-        if self.kind == "dense" and (len(self.input_shape) != 1 or len(self.blocks) != 1):
+        if self.architecture == "dense" and (len(self.input_shape) != 1 or len(self.blocks) != 1):
             raise ValueError("dense models need input_shape (D,) and a single scale of blocks.")
         if len(self.strides) != len(self.blocks) or any(s not in (1, 2) for s in self.strides):
             raise ValueError(f"strides must be 1 or 2, one per scale; got {self.strides}.")
@@ -125,10 +125,10 @@ class DensityConfig:
 class IResNetFlow(keras.Model):
     """An i-ResNet normalizing flow; the Keras model owns every weight.
 
-    Data-to-latent structure (``kind="conv"``): preprocessing, optional initial squeeze, then
+    Data-to-latent structure (``architecture="conv"``): preprocessing, optional initial squeeze, then
     per scale: squeeze if its stride is 2, ``blocks[i]`` times (ActNorm, residual block), and
     half the channels factored out after every non-final scale; the latent ``z`` (size D) has a
-    diagonal Gaussian prior. ``kind="dense"``: ActNorm and fully connected residual blocks.
+    diagonal Gaussian prior. ``architecture="dense"``: ActNorm and fully connected residual blocks.
 
     ``distribution()`` returns a ``tfd.TransformedDistribution`` over data events built from
     the current weights (a view; rebuild it after training steps), so users can ``sample``,
@@ -141,7 +141,7 @@ class IResNetFlow(keras.Model):
         branches, actnorms = [], []
         self._plan = []  # per scale: list of ("squeeze",) / ("block", index)
         c = config
-        if c.kind == "dense":
+        if c.architecture == "dense":
             dim = c.input_shape[0]
             scale = []
             for _ in range(c.blocks[0]):
@@ -210,7 +210,10 @@ class IResNetFlow(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        return cls(DensityConfig(**config["config"]), name=config.get("name"))
+        fields = dict(config["config"])
+        if "kind" in fields:  # the field's name before 2026-12
+            fields["architecture"] = fields.pop("kind")
+        return cls(DensityConfig(**fields), name=config.get("name"))
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -262,7 +265,7 @@ class IResNetFlow(keras.Model):
                     self.branches[i], event_ndims=ndims, seed=seeds[i],
                     name=f"block_{i}", **kwargs))
             scales.append(tfb.Chain(list(reversed(steps)), name=f"scale_{s}"))
-        return MultiScale(scales, c.input_shape, factor_out=c.factor_out and c.kind == "conv",
+        return MultiScale(scales, c.input_shape, factor_out=c.factor_out and c.architecture == "conv",
                           compute_logdet=getattr(kwargs["logdet"], "method", kwargs["logdet"]) != "none")
 
     def prior(self) -> tfd.Distribution:

@@ -105,7 +105,7 @@ def resolve_model_config(preset: str, dataset: str, overrides: dict) -> Classifi
         f"Preset {preset!r} is not a classifier preset; classifier presets: "
         f"{', '.join(classifier_presets())}.")
     spec = datasets.spec(dataset)
-    if spec.num_classes is None or spec.kind != "image":
+    if spec.num_classes is None or spec.modality != "image":
         raise common.ConfigError(f"Dataset {dataset!r} has no class labels to train a classifier on.")
     if tuple(spec.shape) != tuple(cfg.input_shape) or spec.num_classes != cfg.num_classes:
         raise common.ConfigError(
@@ -118,12 +118,12 @@ def resolve_model_config(preset: str, dataset: str, overrides: dict) -> Classifi
 
 
 def classifier_presets() -> list[str]:
-    return [n for n in presets.names() if presets.kind(n) == "classifier"]
+    return [n for n in presets.names() if presets.task(n) == "classifier"]
 
 
 def classifier_datasets() -> list[str]:
     return [n for n in datasets.names()
-            if datasets.spec(n).kind == "image" and datasets.spec(n).num_classes]
+            if datasets.spec(n).modality == "image" and datasets.spec(n).num_classes]
 
 
 # --- training ----------------------------------------------------------------------------------

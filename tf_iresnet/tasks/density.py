@@ -39,7 +39,7 @@ _DATA_DEFAULTS = {datasets.core.IMAGE: (64, 3e-3), datasets.core.VECTOR: (512, 1
 
 def data_defaults(dataset: str) -> tuple[int, float]:
     """``(batch_size, learning_rate)`` defaults of a training run on ``dataset``."""
-    return _DATA_DEFAULTS[datasets.spec(dataset).kind]
+    return _DATA_DEFAULTS[datasets.spec(dataset).modality]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -114,7 +114,7 @@ class Evaluator:
         self.model = model
         self.cfg = cfg
         self.spec = datasets.spec(cfg.dataset)
-        self.is_image = self.spec.kind == "image"
+        self.is_image = self.spec.modality == "image"
         self.test = datasets.load(
             cfg.dataset, "test", batch_size=min(cfg.batch_size, 256), shuffle=False,
             repeat=False, drop_remainder=False, seed=cfg.seed + 1,
@@ -224,7 +224,7 @@ class DensityTask(Task):
         cfg = self.config
         grid_path = os.path.join(cfg.model_dir, "samples.png")
         n = cfg.num_samples
-        if self.spec.kind == "image":
+        if self.spec.modality == "image":
             samples = tf.clip_by_value(model.sample(n, seed=(cfg.seed, 0)), 0.0, 1.0)
             if samples.shape[1] < 32:  # upscale tiny images (digits are 8x8) to be visible
                 factor = 32 // samples.shape[1]

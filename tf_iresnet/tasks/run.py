@@ -35,7 +35,7 @@ class RunConfig:
 
     Attributes:
       dataset: a `tf_iresnet.datasets` name.
-      preset: a `tf_iresnet.presets` name of the task's kind.
+      preset: a `tf_iresnet.presets` name of the task's type.
       model_dir: checkpoints, config.json, results.json and TensorBoard logs.
       export_dir: SavedModel destination ('' skips the export).
       batch_size: global batch size (split over the replicas).
