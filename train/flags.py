@@ -9,6 +9,7 @@ as the calling binary's own (this module disclaims them), so ``--help`` lists th
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from absl import app, flags
@@ -16,7 +17,7 @@ from absl import app, flags
 from tf_iresnet import datasets, presets
 from tf_iresnet.tasks import run
 from tf_iresnet.tasks.common import ConfigError
-from tf_iresnet.tasks.run import RunConfig
+from tf_iresnet.tasks.run import RUN_ERRORS, RunConfig
 from tf_iresnet.training import STRATEGY_NAMES
 
 flags.disclaim_key_flags()  # DEFINE_* below are attributed to the binary that calls them
@@ -169,3 +170,5 @@ def run_task(train_fn: Callable, config_fn: Callable):
         return train_fn(config_fn())
     except ConfigError as e:
         raise app.UsageError(str(e)) from None
+    except RUN_ERRORS as e:  # the run cannot go on: what happened and what to do, status 1
+        sys.exit(f"Error: {e}")

@@ -169,6 +169,13 @@ def example_key(seed: int, stream: int, index: tf.Tensor) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(base, tf.cast(index, tf.int64))
 
 
+def epoch_shuffle_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
+    """The shuffle seed of pass `epoch` over a finite dataset: an int64 scalar tensor that is a
+    pure function of `(seed, epoch)`."""
+    key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    return tf.random.stateless_uniform([], seed=key, minval=0, maxval=2**62, dtype=tf.int64)
+
+
 def batch_pipeline(
     ds: tf.data.Dataset,
     *,
@@ -180,6 +187,7 @@ def batch_pipeline(
     drop_remainder: bool,
     per_example_fn: Callable | None = None,
     per_batch_fn: Callable | None = None,
+    start_batch: int = 0,
 ) -> tf.data.Dataset:
     """Shuffle -> repeat -> per-example map -> batch -> per-batch map -> prefetch.
 
@@ -187,23 +195,43 @@ def batch_pipeline(
     element's position in the repeated stream, so the whole pipeline is a deterministic function
     of `seed` (given a deterministic source) while parallel map calls stay order-independent.
 
+    Repeated streams are a pure function of `(seed, batch index)`: pass `e` over the data is
+    shuffled with `epoch_shuffle_seed(seed, e)` (not with a shuffle state carried from pass to
+    pass), so the stream can start at batch `start_batch` (a resumed run) by starting at its
+    pass and skipping less than one pass of source examples; the keys of the maps are those
+    of the uninterrupted stream.
+
     Args:
       ds: a finite dataset of unbatched examples.
       per_example_fn: optional `(key, example) -> example`, before batching (augmentation).
       per_batch_fn: optional `(key, batch) -> batch`, after batching (dequantization).
+      start_batch: index of the first batch to yield (repeated streams only; default 0).
     """
-    if shuffle:
-        ds = ds.shuffle(max(1, shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
+    if start_batch < 0 or (start_batch and not repeat):
+        raise ValueError(f"start_batch must be 0, or >= 0 with repeat=True; got {start_batch}.")
+    first = int(start_batch) * int(batch_size)  # stream position of the first example
     if repeat:
-        ds = ds.repeat()
+        size = int(ds.cardinality())
+        epoch0, offset = (divmod(first, size) if size > 0 else (0, first))
+
+        def one_pass(epoch):
+            if not shuffle:
+                return ds
+            return ds.shuffle(max(1, shuffle_buffer), seed=epoch_shuffle_seed(seed, epoch))
+
+        ds = tf.data.Dataset.range(epoch0, tf.int64.max).flat_map(one_pass)
+        if offset:
+            ds = ds.skip(offset)
+    elif shuffle:
+        ds = ds.shuffle(max(1, shuffle_buffer), seed=seed)
     if per_example_fn is not None:
-        ds = ds.enumerate().map(
+        ds = ds.enumerate(start=first).map(
             lambda i, ex: per_example_fn(example_key(seed, STREAM_AUGMENT, i), ex),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE)
     if per_batch_fn is not None:
-        ds = ds.enumerate().map(
+        ds = ds.enumerate(start=int(start_batch)).map(
             lambda j, batch: per_batch_fn(example_key(seed, STREAM_DEQUANTIZE, j), batch),
             num_parallel_calls=tf.data.AUTOTUNE,
         )

@@ -177,7 +177,10 @@ def _tfds_source(
     """Reads a split through `tfds.load`; yields uint8 images (and int32 labels)."""
     import tensorflow_datasets as tfds  # slow import, only when a tfds set is used
 
-    read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
+    # The file order must not depend on how many passes an iterator made before (a resumed run
+    # starts a fresh one): the same order on every pass; `core.batch_pipeline` reshuffles.
+    read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
+                                  try_autocache=False)
     ds = tfds.load(
         source.tfds_name,
         split=split,
@@ -212,6 +215,7 @@ def load_images(
     data_dir: str | None,
     drop_remainder: bool,
     num_examples: int | None,
+    start_step: int = 0,
 ) -> tf.data.Dataset:
     """The pipeline behind `load` for image sets: float32 [B, H, W, C] in [0, 1] (, int32 [B])."""
     source = _SOURCES[spec.name]
@@ -269,4 +273,5 @@ def load_images(
         drop_remainder=drop_remainder,
         per_example_fn=augment_example if augment_image is not None else None,
         per_batch_fn=to_unit_interval,
+        start_batch=start_step,
     )

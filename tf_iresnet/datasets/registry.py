@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from tf_iresnet.datasets import core, images, toy2d
@@ -70,6 +71,7 @@ def load(
     data_dir: str | None = None,
     drop_remainder: bool = True,
     num_examples: int | None = None,
+    start_step: int = 0,
 ) -> tf.data.Dataset:
     """Builds a batched, prefetched `tf.data` pipeline for dataset `name`.
 
@@ -98,6 +100,10 @@ def load(
       drop_remainder: drop a last, smaller batch.
       num_examples: use only the first `num_examples` examples of the split (for quick tests
         and evaluation); for the toy "train" split, a fixed sample of that many points.
+      start_step: index of the first batch (repeated streams only): batch `k` of
+        `load(..., start_step=s)` is batch `s + k` of `load(...)`, bit for bit, so a resumed
+        run sees the batches of the uninterrupted one. A pass over a finite set is shuffled
+        from `(seed, pass)` alone, and starting costs at most one pass of reading.
 
     Returns:
       A `tf.data.Dataset` of x or (x, label) batches.
@@ -105,7 +111,7 @@ def load(
     Raises:
       ValueError: unknown dataset or split, batch_size <= 0, num_examples <= 0, augment on a
         vector dataset or without labels, with_labels on an unlabeled dataset, a finite pass
-        (repeat=False) over an infinite toy stream.
+        (repeat=False) over an infinite toy stream, start_step < 0 or without repeat.
     """
     ds_spec = spec(name)
     core.check_split(ds_spec, split, allow_slicing=ds_spec.source == "tfds")
@@ -120,6 +126,11 @@ def load(
             "augment=True is meant for classifiers (with_labels=True): a density model must be "
             "trained on the unaugmented data distribution."
         )
+    if (isinstance(start_step, bool) or not isinstance(start_step, int | np.integer)
+            or start_step < 0 or (start_step and not repeat)):
+        raise ValueError(
+            f"start_step must be a non-negative integer (and > 0 only with repeat=True), got "
+            f"{start_step!r}.")
     batch_size = int(batch_size)
     if ds_spec.modality == core.VECTOR:
         return toy2d.load_toy(
@@ -131,6 +142,7 @@ def load(
             seed=seed,
             drop_remainder=drop_remainder,
             num_examples=num_examples,
+            start_step=int(start_step),
         )
     return images.load_images(
         ds_spec,
@@ -145,4 +157,5 @@ def load(
         data_dir=data_dir,
         drop_remainder=drop_remainder,
         num_examples=num_examples,
+        start_step=int(start_step),
     )

@@ -187,6 +187,7 @@ def load_toy(
     seed: int,
     drop_remainder: bool,
     num_examples: int | None,
+    start_step: int = 0,
 ) -> tf.data.Dataset:
     """The pipeline behind `load` for the toy sets; yields float32 [batch_size, 2]."""
     sampler = _sampler(spec.name)
@@ -201,7 +202,8 @@ def load_toy(
             key = tf.stack([tf.constant(seed, tf.int64), i])
             return tf.ensure_shape(sampler(batch_size, key), [batch_size, 2])
 
-        ds = tf.data.Dataset.counter().map(batch_at, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.counter(start=start_step)
+        ds = ds.map(batch_at, num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     if split == spec.train_split:
@@ -219,4 +221,5 @@ def load_toy(
         repeat=repeat,
         seed=seed,
         drop_remainder=drop_remainder,
+        start_batch=start_step,
     )

@@ -217,11 +217,11 @@ class ClassifierTask(Task):
                                   boundaries=cfg.decay_steps, factor=cfg.decay_factor)
         return common.make_optimizer("sgd", schedule, momentum=cfg.momentum)
 
-    def train_data(self):
+    def train_data(self, start_step: int = 0):
         cfg = self.config
         return datasets.load(
             cfg.dataset, "train", batch_size=cfg.batch_size, seed=cfg.seed, with_labels=True,
-            augment=cfg.augment, dequantize=cfg.model.hybrid)
+            augment=cfg.augment, dequantize=cfg.model.hybrid, start_step=start_step)
 
     def init_inputs(self, batch):
         return batch[0]

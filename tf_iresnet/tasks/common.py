@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from tf_iresnet import datasets, presets
 from tf_iresnet.training import make_strategy
+from tf_iresnet.training.config import atomic_write
 
 OPTIMIZERS = ("adamax", "adam", "sgd")
 
@@ -105,9 +106,9 @@ def step_seed(seed: int, step) -> tf.Tensor:
 
 
 def write_results(model_dir: str, results: dict) -> None:
-    """Writes ``results`` to ``model_dir/results.json``."""
-    with open(os.path.join(model_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+    """Writes ``results`` to ``model_dir/results.json`` (atomically, through `tf.io.gfile`)."""
+    atomic_write(os.path.join(model_dir, "results.json"),
+                 json.dumps(results, indent=2, sort_keys=True))
 
 
 def preset_config(preset: str, config_type: type, overrides: dict, error: str):

@@ -208,9 +208,10 @@ class DensityTask(Task):
     def build_optimizer(self) -> keras.optimizers.Optimizer:
         return make_optimizer(self.config)
 
-    def train_data(self) -> tf.data.Dataset:
+    def train_data(self, start_step: int = 0) -> tf.data.Dataset:
         cfg = self.config
-        return datasets.load(cfg.dataset, "train", batch_size=cfg.batch_size, seed=cfg.seed)
+        return datasets.load(cfg.dataset, "train", batch_size=cfg.batch_size, seed=cfg.seed,
+                             start_step=start_step)
 
     def train_step(self, model: IResNetFlow, batch, step):
         return self._step(model, batch, step)

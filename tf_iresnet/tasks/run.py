@@ -22,7 +22,20 @@ from absl import logging
 
 from tf_iresnet import converge_spectral_norms, update_spectral_norms
 from tf_iresnet.tasks import common
-from tf_iresnet.training import Trainer
+from tf_iresnet.training import (
+    CheckpointError,
+    NonFiniteLossError,
+    RunDirError,
+    RunLock,
+    Trainer,
+    check_output_dirs,
+    is_chief,
+    swap_in_directory,
+)
+
+# Errors of a run that the binaries report as a message and exit status 1, without traceback:
+# the message says what happened and what to do.
+RUN_ERRORS = (CheckpointError, NonFiniteLossError, RunDirError)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -105,8 +118,10 @@ class Task(abc.ABC):
         """The optimizer (called under the strategy's scope)."""
 
     @abc.abstractmethod
-    def train_data(self) -> tf.data.Dataset:
-        """The repeated, batched training stream (global batches)."""
+    def train_data(self, start_step: int = 0) -> tf.data.Dataset:
+        """The repeated, batched training stream (global batches) from batch ``start_step``
+        on: a pure function of ``(seed, step)``, so that a resumed run trains on the batches
+        of the uninterrupted one."""
 
     def init_inputs(self, batch: Any) -> tf.Tensor:
         """The inputs of a training batch that ActNorm's data-dependent init sees."""
@@ -144,17 +159,39 @@ def run(task: Task) -> dict:
       the task's report and ``export_dir`` when exported. The chief also writes them to
       ``model_dir/results.json``; the other workers return after training.
 
+    On the chief, the run directory and the export destination are checked first and the run
+    directory is locked (`tf_iresnet.training.RunLock`) until the run ends. The training
+    stream starts at the restored step, so a run killed at any point and restarted ends with
+    the weights of an uninterrupted one.
+
     Raises:
       common.ConfigError: a configuration that cannot work (unknown strategy, bad
         ``TF_CONFIG``, a batch that does not split over the replicas, a preset that does not
         fit the dataset).
+      RunDirError: ``model_dir`` or ``export_dir`` unusable, or ``model_dir`` in use by
+        another process.
+      CheckpointError: no usable checkpoint although the directory has some, or a checkpoint
+        of another model.
+      NonFiniteLossError: training diverged (the newest checkpoint stays the last good one).
     """
     cfg = task.config
     strategy = common.start_run(cfg.strategy, cfg.seed, cfg.batch_size)
+    chief = is_chief(strategy)
+    if chief:
+        check_output_dirs(cfg.model_dir, cfg.export_dir)
+    lock = RunLock(cfg.model_dir).acquire() if chief else None
+    try:
+        return _run_locked(task, strategy)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(task: Task, strategy: tf.distribute.Strategy) -> dict:
+    cfg = task.config
     with strategy.scope():
         model = task.build_model()
         optimizer = task.build_optimizer()
-    train = task.train_data()
     evaluator = task.evaluator(model)
     trainer = Trainer(
         strategy=strategy, model=model, optimizer=optimizer, train_step_fn=task.train_step,
@@ -162,7 +199,9 @@ def run(task: Task) -> dict:
         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         eval_every=cfg.eval_every, eval_fn=evaluator, jit_compile=cfg.jit_compile,
         config={**dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config)})
-    if trainer.restore() == 0:
+    start = trainer.restore()
+    train = task.train_data(start_step=start)  # the batches of step `start` on
+    if start == 0:
         # ActNorm's data-dependent init: once, eagerly, in cross-replica context, from the same
         # first batch on every worker.
         model.initialize(task.init_inputs(next(iter(train))))
@@ -179,7 +218,9 @@ def run(task: Task) -> dict:
     results.update({f"final/{k}": v for k, v in final.items()})
     results.update(task.report(model, evaluator, final))
     if cfg.export_dir:
-        task.export(model, cfg.export_dir)
+        # Written beside export_dir and swapped in when complete: a kill never leaves a broken
+        # export in place of the previous one.
+        swap_in_directory(cfg.export_dir, lambda tmp: task.export(model, tmp))
         results["export_dir"] = cfg.export_dir
         logging.info("Exported SavedModel to %s", cfg.export_dir)
     common.write_results(cfg.model_dir, results)

@@ -12,8 +12,10 @@ import enum
 import json
 import os
 import pathlib
+import socket
 import types
 import typing
+import uuid
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -64,11 +66,22 @@ def write_config(model_dir: str, config: Any) -> str:
     tf.io.gfile.makedirs(model_dir)
     path = os.path.join(model_dir, CONFIG_FILENAME)
     text = json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n"
-    tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(text)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    atomic_write(path, text)
     return path
+
+
+def atomic_write(path: str, data: str | bytes) -> None:
+    """Writes `path` through `tf.io.gfile` so that a reader (or a killed writer) never leaves
+    half a file: into a temporary file beside it, unique to this host and process, then
+    renamed over `path`."""
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with tf.io.gfile.GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    finally:
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.remove(tmp)
 
 
 def read_config(model_dir: str, cls: type[T] | None = None) -> dict[str, Any] | T:

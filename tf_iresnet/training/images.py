@@ -11,6 +11,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tf_iresnet.training.config import atomic_write
+
 
 def make_image_grid(
     images: tf.Tensor | np.ndarray,
@@ -69,7 +71,7 @@ def save_image_grid(
     parent = os.path.dirname(path)
     if parent:
         tf.io.gfile.makedirs(parent)
-    tf.io.write_file(path, tf.io.encode_png(grid))
+    atomic_write(path, tf.io.encode_png(grid).numpy())
     return path
 
 

@@ -33,7 +33,6 @@ effect depends on the number of replicas; clip inside the model or avoid them wh
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -54,6 +53,10 @@ EvalFn = Callable[[int], "Mapping[str, Any] | None"]
 RESERVED_NAMES = ("loss", "learning_rate", "steps_per_second")
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged (a NaN or infinite loss or weight); nothing was saved after it."""
+
+
 class Trainer:
     """Runs `train_step_fn` under a strategy with checkpoints, resume, logs and evaluation.
 
@@ -64,8 +67,12 @@ class Trainer:
     steps the chief writes the interval means of loss and metrics, the learning rate and the speed to TensorBoard
     (`model_dir/train`) and to a progress bar; every `eval_every` steps it calls `eval_fn`
     (results to `model_dir/eval`); every `checkpoint_every` steps and at the end all workers
-    save (only the chief's copy is kept). A new `Trainer` on the same `model_dir` resumes from
-    the newest checkpoint: same step, weights and optimizer state; the data iterator restarts.
+    save (only the chief's copy is kept), but only while every loss since the last check and
+    every weight is finite (see `train`). A new `Trainer` on the same `model_dir` resumes from
+    the newest usable checkpoint: same step, weights and optimizer state. The dataset is the
+    caller's: for an exact resume, give `train` the stream from the restored step on (e.g.
+    `tf_iresnet.datasets.load(..., start_step=trainer.restore())`). Nothing is written into
+    `model_dir` (config.json, summaries) before `restore` has succeeded.
 
     #### Examples
 
@@ -158,21 +165,12 @@ class Trainer:
                 optimizer.build(model.trainable_variables)
         self.checkpoint = CheckpointState(model_dir, model=model, optimizer=optimizer,
                                           strategy=strategy)
-        if self.is_chief:
-            tf.io.gfile.makedirs(model_dir)
-            if config is not None:
-                _warn_if_config_changed(model_dir, config)
-                write_config(model_dir, config)
-            self._train_writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
-            self._eval_writer = (
-                tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
-                if eval_fn is not None
-                else tf.summary.create_noop_writer()
-            )
-        else:
-            self._train_writer = tf.summary.create_noop_writer()
-            self._eval_writer = tf.summary.create_noop_writer()
+        # Nothing is written into model_dir before `restore` knows the run can resume there.
+        self._config = config
+        self._train_writer = tf.summary.create_noop_writer()
+        self._eval_writer = tf.summary.create_noop_writer()
         self._restored = False
+        self._weights_finite_fn = None
         self._step_function = tf.function(self._distributed_step, reduce_retracing=True)
         self._grads_fn = (
             tf.function(self._replica_grads, jit_compile=True)
@@ -195,9 +193,21 @@ class Trainer:
         """
         step = self.checkpoint.restore_or_initialize()
         self._restored = True
-        if step and self.is_chief:
-            logging.info("Restored %s at step %d.", self.checkpoint.latest_checkpoint, step)
+        if self.is_chief:
+            if step:
+                logging.info("Restored %s at step %d.", self.checkpoint.latest_checkpoint, step)
+            self._open_run_dir()
         return step
+
+    def _open_run_dir(self) -> None:
+        """Writes config.json and opens the summary writers (chief, once restored)."""
+        if self._config is not None:
+            _warn_if_config_changed(self.model_dir, self._config)
+            write_config(self.model_dir, self._config)
+        self._train_writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "train"))
+        if self.eval_fn is not None:
+            self._eval_writer = tf.summary.create_file_writer(
+                os.path.join(self.model_dir, "eval"))
 
     def save(self) -> str | None:
         """Saves a checkpoint at the current step (every worker must call this)."""
@@ -230,7 +240,7 @@ class Trainer:
             self.post_step_fn(self.model, step)
         return tf.cast(loss, tf.float32), metrics
 
-    def _distributed_step(self, batch: Any):
+    def _distributed_step(self, batch: Any, first_bad: tf.Tensor | None = None):
         # Read in cross-replica context before the update: the step of this update, the same
         # on every replica (the optimizer increments `iterations` once, in `apply_gradients`).
         step = tf.cast(tf.convert_to_tensor(self.optimizer.iterations), tf.int64)
@@ -239,7 +249,10 @@ class Trainer:
         mean = tf.distribute.ReduceOp.MEAN
         loss = self.strategy.reduce(mean, loss, axis=None)
         metrics = {k: self.strategy.reduce(mean, v, axis=None) for k, v in metrics.items()}
-        return loss, metrics, learning_rate
+        if first_bad is not None:  # the first update (1-based) with a non-finite loss, or -1
+            bad = tf.logical_and(first_bad < 0, tf.logical_not(tf.math.is_finite(loss)))
+            first_bad = tf.where(bad, step + 1, first_bad)
+        return loss, metrics, learning_rate, first_bad
 
     def train_step(self, batch: Any) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor]:
         """Runs one distributed step on `batch` (a distributed batch).
@@ -248,7 +261,35 @@ class Trainer:
           (loss, metrics, learning_rate): replica means of the loss and metrics, and the rate
           the optimizer used, as tensors (no host synchronisation).
         """
-        return self._step_function(batch)
+        loss, metrics, learning_rate, _ = self._step_function(batch)
+        return loss, metrics, learning_rate
+
+    def _check_finite(self, first_bad: tf.Tensor, *, weights: bool) -> None:
+        """Raises `NonFiniteLossError` if a loss since the last check (or, with `weights`, a
+        weight) is not finite; the newest checkpoint is then the last good one."""
+        bad = int(first_bad)
+        if bad < 0 and not (weights and not self.weights_finite()):
+            return
+        what = (f"the loss is not finite (NaN or infinite) at step {bad}" if bad >= 0
+                else f"a model weight is not finite at step {self.step}")
+        latest = self.checkpoint.latest_checkpoint
+        where = (f"The newest checkpoint, {latest}, holds finite weights and is left intact: "
+                 "rerun with a lower learning rate (or other settings) to continue from it."
+                 if latest else
+                 f"There is no checkpoint in {self.model_dir} yet: rerun from scratch with a "
+                 "lower learning rate (or other settings).")
+        raise NonFiniteLossError(f"Training stopped: {what}; nothing was saved after it. "
+                                 f"{where}")
+
+    def weights_finite(self) -> bool:
+        """Whether every floating-point model weight is finite (one host synchronisation)."""
+        if self._weights_finite_fn is None:
+            def all_finite():
+                checks = [tf.reduce_all(tf.math.is_finite(w.value)) for w in self.model.weights
+                          if tf.as_dtype(w.dtype).is_floating]
+                return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+            self._weights_finite_fn = tf.function(all_finite)
+        return bool(self._weights_finite_fn())
 
     # ---------------------------------------------------------------- the loop
 
@@ -266,7 +307,10 @@ class Trainer:
           and the last evaluation results as `eval/<name>`.
 
         Raises:
-          FloatingPointError: a logged loss is NaN or infinite.
+          NonFiniteLossError: a loss (or, at a checkpoint, a weight) is NaN or infinite. The
+            loss of every step is tracked on the device and checked at each log, evaluation
+            and checkpoint (never saving after a non-finite step), so the newest checkpoint
+            is always a finite one.
           CheckpointError: from restoring (see `restore`).
         """
         start = self.restore() if not self._restored else self.step
@@ -288,14 +332,22 @@ class Trainer:
         step, last_saved, last_eval = start, start, -1
         sums: dict[str, tf.Tensor] = {}
         count, tick = 0, time.perf_counter()
+        # On the device, no host synchronisation: the first step since the last check whose
+        # loss was not finite, or -1. Checked wherever the host waits anyway (logs,
+        # evaluations, checkpoints), and always before a checkpoint is written.
+        first_bad = tf.constant(-1, tf.int64)
         while step < self.total_steps:
             batch, iterator = _next_batch(iterator, dataset)
-            loss, metrics, learning_rate = self.train_step(batch)
+            loss, metrics, learning_rate, first_bad = self._step_function(batch, first_bad)
             step += 1
             count += 1
             for name, value in {"loss": loss, **metrics}.items():
                 sums[name] = value if name not in sums else sums[name] + value
-            if step % self.log_every == 0 or step == self.total_steps:
+            log_now = step % self.log_every == 0 or step == self.total_steps
+            eval_now = bool(self.eval_every) and step % self.eval_every == 0
+            save_now = (bool(self.checkpoint_every) and step % self.checkpoint_every == 0
+                        or step == self.total_steps)
+            if log_now:
                 step = self.step  # the host is synchronised here anyway
                 logs = {k: float(v) / count for k, v in sums.items()}
                 logs["learning_rate"] = float(learning_rate)
@@ -307,18 +359,16 @@ class Trainer:
                     shown = [(k, v) for k, v in logs.items() if k != "steps_per_second"]
                     progbar.update(step - start, values=shown)  # it shows its own speed
                 results.update(logs)
-                if not math.isfinite(logs["loss"]):
-                    raise FloatingPointError(
-                        f"Loss is {logs['loss']} at step {step}; the last checkpoint is "
-                        f"{self.checkpoint.latest_checkpoint}."
-                    )
-            if self.eval_every and step % self.eval_every == 0:
+            if log_now or eval_now or save_now:
+                self._check_finite(first_bad, weights=save_now)
+            if eval_now:
                 results.update(self._evaluate(step))
                 last_eval = step
-            if self.checkpoint_every and step % self.checkpoint_every == 0:
+            if save_now:
                 self.save()
                 last_saved = step
         if last_saved != step:
+            self._check_finite(first_bad, weights=True)
             self.save()
         if self.eval_fn is not None and last_eval != step:
             results.update(self._evaluate(step))
