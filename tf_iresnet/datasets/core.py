@@ -169,11 +169,23 @@ def example_key(seed: int, stream: int, index: tf.Tensor) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(base, tf.cast(index, tf.int64))
 
 
-def epoch_shuffle_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
-    """The shuffle seed of pass `epoch` over a finite dataset: an int64 scalar tensor that is a
-    pure function of `(seed, epoch)`."""
+def shuffled_pass(ds: tf.data.Dataset, buffer_size: int, seed: int,
+                  epoch: tf.Tensor) -> tf.data.Dataset:
+    """One pass over `ds` through a shuffle buffer seeded from `(seed, epoch)` alone.
+
+    `Dataset.shuffle` cannot take this per-pass seed: with a tensor seed it fails when the
+    global seed is 0 (TF compares the seed pair as Python values), and otherwise mixes in the
+    global seed. The `ShuffleDataset` op takes both seeds explicitly.
+    """
     key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
-    return tf.random.stateless_uniform([], seed=key, minval=0, maxval=2**62, dtype=tf.int64)
+    seeds = tf.random.stateless_uniform([2], seed=key, minval=0, maxval=2**62, dtype=tf.int64)
+    flat = tf.nest.flatten(ds.element_spec)
+    variant = tf.raw_ops.ShuffleDataset(
+        input_dataset=tf.data.experimental.to_variant(ds),
+        buffer_size=tf.constant(max(1, int(buffer_size)), tf.int64),
+        seed=seeds[0], seed2=seeds[1], output_types=[s.dtype for s in flat],
+        output_shapes=[s.shape for s in flat], reshuffle_each_iteration=False)
+    return tf.data.experimental.from_variant(variant, ds.element_spec)
 
 
 def batch_pipeline(
@@ -196,7 +208,7 @@ def batch_pipeline(
     of `seed` (given a deterministic source) while parallel map calls stay order-independent.
 
     Repeated streams are a pure function of `(seed, batch index)`: pass `e` over the data is
-    shuffled with `epoch_shuffle_seed(seed, e)` (not with a shuffle state carried from pass to
+    shuffled by `shuffled_pass(..., seed, e)` (not with a shuffle state carried from pass to
     pass), so the stream can start at batch `start_batch` (a resumed run) by starting at its
     pass and skipping less than one pass of source examples; the keys of the maps are those
     of the uninterrupted stream.
@@ -215,9 +227,7 @@ def batch_pipeline(
         epoch0, offset = (divmod(first, size) if size > 0 else (0, first))
 
         def one_pass(epoch):
-            if not shuffle:
-                return ds
-            return ds.shuffle(max(1, shuffle_buffer), seed=epoch_shuffle_seed(seed, epoch))
+            return shuffled_pass(ds, shuffle_buffer, seed, epoch) if shuffle else ds
 
         ds = tf.data.Dataset.range(epoch0, tf.int64.max).flat_map(one_pass)
         if offset:
