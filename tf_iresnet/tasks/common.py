@@ -42,12 +42,47 @@ def run_dirs(preset: str, dataset: str, model_dir: str | None = None,
     return model_dir, export_dir
 
 
+def check_run_dirs(model_dir: str, export_dir: str = "") -> None:
+    """Checks, before a run trains, that it can write ``model_dir`` and ``export_dir``.
+
+    ``model_dir`` is created if missing (nothing is written into it); for ``export_dir`` ('':
+    no export) its parent is created, the directory itself is left to the export.
+
+    Raises:
+      ConfigError: either path is an existing file, or cannot be created or written (the
+        message names the path, the reason and what to pass instead).
+    """
+    def fail(name, path, reason):
+        raise ConfigError(f"{name} {path!r} {reason}: pass a directory that can be created "
+                          f"and written (e.g. under the current directory).")
+
+    for name, path, create in (("model_dir", model_dir, model_dir),
+                               ("export_dir", export_dir, os.path.dirname(export_dir))):
+        if name == "export_dir" and not path:
+            continue
+        if not path:
+            fail(name, path, "is empty")
+        if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
+            fail(name, path, "is a file, not a directory")
+        if create:
+            try:
+                tf.io.gfile.makedirs(create)
+            except (tf.errors.OpError, OSError) as e:
+                reason = getattr(e, "message", None) or str(e)
+                fail(name, path, f"cannot be created ({reason.splitlines()[0]})")
+        local = create if create and "://" not in create else None
+        if local and not os.access(local, os.W_OK | os.X_OK):
+            fail(name, path, f"is not writable ({local} denies writing)")
+
+
 def steps_for_epochs(dataset: str, epochs: float, batch_size: int) -> int:
     """Optimizer steps for ``epochs`` passes over the training split (at least 1).
 
     Raises:
-      ConfigError: ``dataset`` is a generated stream (no epochs).
+      ConfigError: ``dataset`` is a generated stream (no epochs), or ``epochs <= 0``.
     """
+    if not epochs > 0:
+        raise ConfigError(f"epochs must be > 0, got {epochs!r}.")
     try:
         size = datasets.num_examples(dataset, "train")
     except ValueError as e:

@@ -11,6 +11,7 @@ from tf_iresnet.training.loop import Trainer
 from tf_iresnet.training.schedules import WarmupSchedule
 from tf_iresnet.training.strategy import (
     STRATEGY_NAMES,
+    WorkerLostError,
     is_chief,
     make_strategy,
     parse_tf_config,
@@ -23,6 +24,7 @@ __all__ = [
     "CheckpointState",
     "Trainer",
     "WarmupSchedule",
+    "WorkerLostError",
     "config_to_dict",
     "image_summary",
     "is_chief",
