@@ -193,12 +193,12 @@ def open_tfds(spec: core.DatasetSpec, source: _Source | None = None, split: str 
     try:
         return tfds.load(source.tfds_name, split=split, data_dir=data_dir or None,
                          download=False, **load_kwargs)
-    except (AssertionError, tfds.core.DatasetNotFoundError, FileNotFoundError) as e:
+    except (AssertionError, tfds.core.DatasetNotFoundError, FileNotFoundError):
         where = tfds_data_dir(data_dir)
         name = source.tfds_name
         raise DataNotFoundError(
             f"Dataset {spec.name!r} (tfds {name!r}) is not prepared in {where} and is never "
-            f"downloaded during a run ({type(e).__name__}). Prepare it once with "
+            f"downloaded during a run. Prepare it once with "
             f"`tfds build {name} --data_dir={where}` (needs internet; offline: run that on a "
             f"machine online, or with --manual_dir for manually downloaded files, and copy "
             f"{os.path.join(where, name)} here), or point --data_dir (or $TFDS_DATA_DIR) at a "
