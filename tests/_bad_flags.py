@@ -110,8 +110,8 @@ def main() -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from absl import flags
 
-    from tf_iresnet.tasks import density, run
     from tf_iresnet.tasks import classifier as classifier_task
+    from tf_iresnet.tasks import density, run
     from tf_iresnet.tasks.common import ConfigError
 
     work = sys.argv[2]

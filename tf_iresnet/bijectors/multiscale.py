@@ -95,7 +95,8 @@ class MultiScale(tfb.Bijector):
             h = out
         latents.append(h)
         # Explicit sizes, not -1: a reshape cannot infer -1 for an empty batch.
-        flat = [tf.reshape(t, tf.concat([batch, [tf.reduce_prod(tf.shape(t)[-3:])]], 0))
+        batch_rank = tf.size(batch)
+        flat = [tf.reshape(t, tf.concat([batch, [tf.reduce_prod(tf.shape(t)[batch_rank:])]], 0))
                 for t in latents]
         z = tf.concat(flat, axis=-1)
         if not self._compute_logdet:
