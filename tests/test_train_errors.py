@@ -135,13 +135,14 @@ def _free_port():
 
 
 def _start_workers(tmp_path, ports, train_steps, tag):
+    # One model_dir for both, as on a shared file system: every worker restores from it.
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "train.density", "--dataset=moons", "--preset=toy2d_density",
-             f"--model_dir={tmp_path / f'run{index}'}", "--export_dir=", "--batch_size=16",
+             f"--model_dir={tmp_path / 'run'}", "--export_dir=", "--batch_size=16",
              f"--train_steps={train_steps}", "--eval_every=0", "--checkpoint_every=2",
              "--nojit_compile", "--strategy=multi_worker_mirrored", "--eval_examples=32",
              "--log_every=1", "--n_terms=1"],
@@ -159,10 +160,10 @@ def test_lost_worker_is_named_and_restart_resumes(tmp_path):
     procs = _start_workers(tmp_path, ports, 100_000, "first")
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and not glob.glob(str(tmp_path / "run0" / "ckpt-4.index")):
+        while time.time() < deadline and not glob.glob(str(tmp_path / "run" / "ckpt-4.index")):
             assert procs[0].poll() is None, (tmp_path / "first_err0").read_text()[-3000:]
             time.sleep(0.5)
-        assert glob.glob(str(tmp_path / "run0" / "ckpt-4.index")), "no checkpoint written"
+        assert glob.glob(str(tmp_path / "run" / "ckpt-4.index")), "no checkpoint written"
         procs[0].kill()
         killed = time.time()
         returncode = procs[1].wait(timeout=120)
@@ -181,11 +182,11 @@ def test_lost_worker_is_named_and_restart_resumes(tmp_path):
     assert "Restart every worker" in errors[0] and "newest checkpoint" in errors[0]
     print(f"worker 1 stopped {lost_after:.1f} s after the chief was killed")
 
-    saved = int(tf.train.latest_checkpoint(str(tmp_path / "run0")).rsplit("-", 1)[1])
+    saved = int(tf.train.latest_checkpoint(str(tmp_path / "run")).rsplit("-", 1)[1])
     ports = [_free_port(), _free_port()]
-    procs = _start_workers(tmp_path, ports, saved + 2, "again")
+    procs = _start_workers(tmp_path, ports, saved + 2, "again")  # both resume at `saved`
     for index, p in enumerate(procs):
         assert p.wait(timeout=300) == 0, (tmp_path / f"again_err{index}").read_text()[-3000:]
     out = (tmp_path / "again_out0").read_text() + (tmp_path / "again_err0").read_text()
     assert f"Training steps {saved} -> {saved + 2}" in out
-    assert tf.train.latest_checkpoint(str(tmp_path / "run0")).endswith(f"ckpt-{saved + 2}")
+    assert tf.train.latest_checkpoint(str(tmp_path / "run")).endswith(f"ckpt-{saved + 2}")
