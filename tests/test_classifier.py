@@ -195,6 +195,17 @@ _LOAD_SCRIPT = textwrap.dedent("""
             except Exception as e:
                 errors[key] = type(e).__name__ + ": " + str(e)
         res["errors"] = errors
+        # Through the signatures too (they do not check shapes themselves), and empty batches.
+        res["signature_errors"] = {}
+        for key in ("shape", "rank"):
+            try:
+                m.signatures["serving_default"](images=bad[key])
+                res["signature_errors"][key] = "no error"
+            except Exception as e:
+                res["signature_errors"][key] = type(e).__name__ + ": " + str(e)
+        empty = tf.zeros([0, 8, 8, 1])
+        res["empty"] = {k: {o: v.shape.as_list() for o, v in f(images=empty).items()}
+                        for k, f in m.signatures.items()}
         out["exports"][name] = res
     print("RESULT" + json.dumps(out))
 """)
@@ -240,9 +251,14 @@ def test_export_reloads_without_the_project(exported, tmp_path):
         np.testing.assert_allclose(res["features"], model.features(x).numpy(), atol=1e-5)
         assert res["reconstruct_err"] < 1e-4
         errors = res["errors"]
-        assert "must have shape [batch, 8, 8, 1]" in errors["shape"]
         # The signature fixes the rank: TF's binding error names the expected spec.
-        assert "TensorSpec(shape=(None, None, None, None), dtype=tf.float32" in errors["rank"]
+        assert "TensorSpec(shape=(None, 8, 8, 1), dtype=tf.float32" in errors["rank"]
+        assert "TensorSpec(shape=(None, 8, 8, 1), dtype=tf.float32" in errors["shape"]
+        for key in ("shape", "rank"):
+            assert "must have shape [batch, 8, 8, 1]" in res["signature_errors"][key]
+        assert set(res["empty"]) == expected
+        for outputs in res["empty"].values():
+            assert all(shape[0] == 0 for shape in outputs.values()), res["empty"]
         assert "values must lie in [0, 1]" in errors["range"]
         assert "must be finite" in errors["nan"]
         assert "float32" in errors["dtype"]
@@ -264,6 +280,8 @@ def test_saved_model_cli_lists_the_signatures(exported):
         assert f"signature_def['{name}']" in proc.stdout
     for output in ("logits", "probabilities", "classes"):
         assert f"outputs['{output}']" in proc.stdout
+    # Fully typed: a serving user sees what to send.
+    assert "shape: (-1, 8, 8, 1)" in proc.stdout and "(-1, -1, -1, -1)" not in proc.stdout
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_HYBRID], ids=["plain", "hybrid"])

@@ -93,6 +93,12 @@ _LOAD_SCRIPT = textwrap.dedent("""
                         "nan": error_of(m.decode, z * float("nan"))}
     errors["sample"] = {"n": error_of(m.sample, tf.constant(0), tf.constant(1))}
     out["errors"] = errors
+    sig_bad = {"shape": bad["shape"], "rank": tf.zeros(shape)}
+    out["signature_errors"] = {k: error_of(lambda v: m.signatures["log_prob"](x=v), v)
+                               for k, v in sig_bad.items()}
+    empty = tf.zeros([0] + shape)
+    out["empty"] = {k: getattr(m, k)(tf.zeros([0, d]) if k == "decode" else empty)
+                    .shape.as_list() for k in ("log_prob", "bits_per_dim", "encode", "decode")}
     print("RESULT" + json.dumps(out))
 """)
 
@@ -117,14 +123,20 @@ def _check_export(export_dir, shape, num_levels, tmp_path):
     assert out["same_seed_equal"] and out["other_seed_differs"]
     if len(shape) == 3:
         assert 0.0 <= out["sample_range"][0] <= out["sample_range"][1] <= 1.0
+    typed = "TensorSpec(shape=(None, " + ", ".join(map(str, shape))
     for endpoint in ("log_prob", "bits_per_dim", "encode"):
         errors = out["errors"][endpoint]
-        assert "must have shape [batch, " + ", ".join(map(str, shape)) in errors["shape"]
+        assert typed in errors["shape"]  # the typed signature refuses it, naming the shape
         assert "float32" in errors["dtype"]
         assert "must be finite" in errors["nan"]
         if len(shape) == 3:  # images live in [0, 1]; 2-D points are unbounded
             assert "values must lie in [0, 1]" in errors["range"]
-    assert f"must have shape [batch, {d}]" in out["errors"]["decode"]["shape"]
+    assert f"TensorSpec(shape=(None, {d})" in out["errors"]["decode"]["shape"]
+    for key in ("shape", "rank"):  # signatures do not check shapes: the in-graph check does
+        assert "must have shape [batch, " + ", ".join(map(str, shape)) in \
+            out["signature_errors"][key]
+    assert out["empty"] == {"log_prob": [0], "bits_per_dim": [0], "encode": [0, d],
+                            "decode": [0, *shape]}
     assert "must be finite" in out["errors"]["decode"]["nan"]
     assert "n (number of samples) must be >= 1" in out["errors"]["sample"]["n"]
 

@@ -152,6 +152,33 @@ def exact_logdet(tape: tf.GradientTape, gx: tf.Tensor, x: tf.Tensor) -> tf.Tenso
     return tf.reduce_sum(tf.math.log(tf.abs(tf.linalg.diag_part(r))), axis=-1)
 
 
+def _exact_residual_and_logdet(g, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(g(x), exact_logdet)``, also for an empty batch.
+
+    ``batch_jacobian`` divides by the batch size, so an empty batch goes through one example of
+    zeros whose results are dropped: ``[0, ...]`` inputs give ``[0, ...]`` and ``[0]`` outputs.
+    A non-empty batch is computed exactly as without the guard. A static batch size (XLA) needs
+    no branch.
+    """
+    def compute(inputs):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(inputs)
+            g_inputs = g(inputs)
+        return g_inputs, exact_logdet(tape, g_inputs, inputs)
+
+    batch = x.shape[0]
+    if batch is not None and batch > 0:
+        return compute(x)
+    one = tf.zeros(tf.concat([[1], tf.shape(x)[1:]], 0), x.dtype)
+    if batch == 0:
+        gx, logdet = compute(one)
+        return gx[:0], logdet[:0]
+    n = tf.shape(x)[0]
+    inputs = tf.cond(n > 0, lambda: x, lambda: one)
+    gx, logdet = compute(inputs)
+    return gx[:n], logdet[:n]
+
+
 def residual_and_logdet(
     g: Callable[[tf.Tensor], tf.Tensor],
     x: tf.Tensor,
@@ -173,11 +200,11 @@ def residual_and_logdet(
     if config.method == "none":
         return g(x), None
     seed = stateless_seed(seed)
+    if config.method == "exact":
+        return _exact_residual_and_logdet(g, x)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
         gx = g(x)
-    if config.method == "exact":
-        return gx, exact_logdet(tape, gx, x)
 
     def vjp(w):
         return tape.gradient(gx, x, output_gradients=w,

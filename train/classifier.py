@@ -81,7 +81,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
             "jit_compile": "XLA-compile the forward and backward pass (slower for the digits "
                            "models on CPU).",
         },
-        lower_bounds={"train_steps": 1, "epochs": None},
+        lower_bounds={"train_steps": 1},
         coeff_message="--coeff must be in the open interval (0, 1): the residual branches "
                       "must be contractive to be invertible.",
         check_compatible=_check_model_flags,
@@ -89,8 +89,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
         flag_values=fv)
     flags.register_validator("lr", lambda v: v is None or v > 0.0, flag_values=fv,
                              message="--lr must be > 0.")
-    flags.register_validator("epochs", lambda v: v is None or v > 0.0, flag_values=fv,
-                             message="--epochs must be > 0.")
 
 
 def _check_model_flags(values: dict) -> None:
@@ -118,7 +116,7 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ClassifierTrainConf
         augment=fv.dataset in AUGMENTED_DATASETS, strategy=fv.strategy, seed=fv.seed,
         eval_every=eval_every,
         checkpoint_every=eval_every if fv.checkpoint_every is None else fv.checkpoint_every,
-        log_every=fv.log_every, jit_compile=fv.jit_compile)
+        log_every=fv.log_every, jit_compile=fv.jit_compile, data_dir=fv.data_dir)
 
 
 def main(argv):

@@ -47,7 +47,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_enum("optimizer", default("optimizer"), list(OPTIMIZERS),
                       "Optimizer (the paper: adamax).", flag_values=fv)
     flags.DEFINE_float("lr", None, "Peak learning rate, reached after the warm-up (default 3e-3 "
-                       "for images, 1e-2 for the 2-D sets).", lower_bound=0.0, flag_values=fv)
+                       "for images, 1e-2 for the 2-D sets).", flag_values=fv)
+    flags.register_validator("lr", lambda v: v is None or v > 0.0, flag_values=fv,
+                             message="--lr must be > 0.")
     flags.DEFINE_integer("warmup_steps", default("warmup_steps"),
                          "Linear learning-rate warm-up steps.", lower_bound=0, flag_values=fv)
     flags.DEFINE_float("weight_decay", default("weight_decay"),
@@ -95,7 +97,7 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> DensityTrainConfig:
         strategy=fv.strategy, seed=fv.seed, eval_every=fv.eval_every,
         checkpoint_every=fv.checkpoint_every, log_every=fv.log_every,
         eval_examples=fv.eval_examples, num_samples=fv.num_samples,
-        jit_compile=fv.jit_compile, model_overrides=overrides)
+        jit_compile=fv.jit_compile, data_dir=fv.data_dir, model_overrides=overrides)
 
 
 def main(argv):

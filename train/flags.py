@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from absl import app, flags
+from absl import flags
 
 from tf_iresnet import datasets, presets
 from tf_iresnet.tasks import run
@@ -24,7 +24,7 @@ flags.disclaim_key_flags()  # DEFINE_* below are attributed to the binary that c
 
 COMMON_FLAGS = ("dataset", "preset", "model_dir", "export_dir", "batch_size", "train_steps",
                 "epochs", "strategy", "seed", "eval_every", "checkpoint_every", "log_every",
-                "jit_compile", "coeff", "power_iterations")
+                "jit_compile", "coeff", "power_iterations", "data_dir")
 
 # The default help of each flag; a binary replaces what its defaults make different.
 _HELP = {
@@ -44,9 +44,12 @@ _HELP = {
     "jit_compile": "XLA-compile the forward/backward pass (slower first step, faster after).",
     "coeff": "Spectral-norm coefficient in (0, 1).",
     "power_iterations": "Power iterations per step.",
+    "data_dir": "Where tfds datasets are prepared (default $TFDS_DATA_DIR or "
+                "~/tensorflow_datasets); runs never download: prepare a set once with "
+                "`tfds build <name> --data_dir=DIR`.",
 }
-_LOWER_BOUNDS = {"batch_size": 1, "train_steps": 0, "epochs": 0.0, "eval_every": 0,
-                 "checkpoint_every": 0, "log_every": 1, "power_iterations": 0}
+_LOWER_BOUNDS = {"batch_size": 1, "train_steps": 0, "epochs": None, "eval_every": 0,
+                 "checkpoint_every": 0, "log_every": 1, "power_iterations": 0, "seed": 0}
 _COEFF_MESSAGE = "--coeff must be in the open interval (0, 1)."
 
 
@@ -118,7 +121,8 @@ def define_common_flags(
     flags.DEFINE_float("epochs", None, helps["epochs"], **kw("epochs"))
     flags.DEFINE_enum("strategy", default("strategy"), list(STRATEGY_NAMES), helps["strategy"],
                       flag_values=fv)
-    flags.DEFINE_integer("seed", default("seed"), helps["seed"], flag_values=fv)
+    flags.DEFINE_integer("seed", default("seed"), helps["seed"], upper_bound=run.MAX_SEED,
+                         **kw("seed"))
     flags.DEFINE_integer("eval_every", default("eval_every"), helps["eval_every"],
                          **kw("eval_every"))
     flags.DEFINE_integer("checkpoint_every", default("checkpoint_every"),
@@ -130,12 +134,15 @@ def define_common_flags(
     flags.DEFINE_float("coeff", None, helps["coeff"], **kw("coeff"))
     flags.DEFINE_integer("power_iterations", None, helps["power_iterations"],
                          **kw("power_iterations"))
+    flags.DEFINE_string("data_dir", default("data_dir"), helps["data_dir"], flag_values=fv)
 
     flags.register_validator("coeff", lambda c: c is None or 0.0 < c < 1.0,
                              message=coeff_message, flag_values=fv)
     flags.register_multi_flags_validator(
         ["train_steps", "epochs"], lambda v: v["train_steps"] is None or v["epochs"] is None,
         message="Give --train_steps or --epochs, not both.", flag_values=fv)
+    flags.register_validator("epochs", lambda v: v is None or v > 0.0, flag_values=fv,
+                             message="--epochs must be > 0 (for no training: --train_steps=0).")
 
     def check_epochs(values):
         if values["epochs"] is not None:
@@ -164,11 +171,13 @@ def define_common_flags(
 
 def run_task(train_fn: Callable, config_fn: Callable):
     """``train_fn(config_fn())``, with a `ConfigError` (a run configuration that cannot work,
-    found once the flags are resolved or the strategy exists) reported as a usage error: its
-    message and exit status 1, no traceback."""
+    found once the flags are resolved, before training, or once the strategy exists) and a lost
+    worker (`tf_iresnet.training.WorkerLostError`) reported as one line on stderr and exit
+    status 1, no traceback."""
     try:
         return train_fn(config_fn())
-    except ConfigError as e:
-        raise app.UsageError(str(e)) from None
-    except RUN_ERRORS as e:  # the run cannot go on: what happened and what to do, status 1
-        sys.exit(f"Error: {e}")
+    except (ConfigError, *RUN_ERRORS) as e:  # the run cannot go on: what happened, what to do
+        message = " ".join(str(e).split())  # one line
+        sys.stderr.write(f"Error: {message}\n")
+        sys.stderr.flush()
+        sys.exit(1)

@@ -94,7 +94,10 @@ class MultiScale(tfb.Bijector):
                 out = out[..., half:]
             h = out
         latents.append(h)
-        flat = [tf.reshape(t, tf.concat([batch, [-1]], 0)) for t in latents]
+        # Explicit sizes, not -1: a reshape cannot infer -1 for an empty batch.
+        batch_rank = tf.size(batch)
+        flat = [tf.reshape(t, tf.concat([batch, [tf.reduce_prod(tf.shape(t)[batch_rank:])]], 0))
+                for t in latents]
         z = tf.concat(flat, axis=-1)
         if not self._compute_logdet:
             return z, {}

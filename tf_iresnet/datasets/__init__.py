@@ -22,7 +22,14 @@ Modules: `core` (DatasetSpec, bits/dim, shared batching), `images`, `toy2d`, `re
 
 from tf_iresnet.datasets.core import DatasetSpec, bits_per_dim
 from tf_iresnet.datasets.images import CELEB_A_CROP, CELEB_A_SIZE
-from tf_iresnet.datasets.registry import load, names, num_examples, spec
+from tf_iresnet.datasets.registry import (
+    DataNotFoundError,
+    check_available,
+    load,
+    names,
+    num_examples,
+    spec,
+)
 from tf_iresnet.datasets.toy2d import TOY_NAMES, TOY_TEST_SIZE, sample_toy2d
 
 __all__ = [
@@ -30,8 +37,10 @@ __all__ = [
     "CELEB_A_SIZE",
     "TOY_NAMES",
     "TOY_TEST_SIZE",
+    "DataNotFoundError",
     "DatasetSpec",
     "bits_per_dim",
+    "check_available",
     "load",
     "names",
     "num_examples",

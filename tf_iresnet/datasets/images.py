@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -164,6 +165,46 @@ def _augment_fn(augmentation: str, shape: tuple[int, ...]):
     return augment
 
 
+class DataNotFoundError(ValueError):
+    """A tfds dataset that is not prepared in the data directory (nothing is downloaded)."""
+
+
+def tfds_data_dir(data_dir: str | None) -> str:
+    """The directory tfds reads: ``data_dir``, else ``$TFDS_DATA_DIR``, else
+    ``~/tensorflow_datasets``."""
+    if data_dir:
+        return data_dir
+    return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"),
+                                                           "tensorflow_datasets")
+
+
+def open_tfds(spec: core.DatasetSpec, source: _Source | None = None, split: str = "train", *,
+              data_dir: str | None = None, **load_kwargs) -> tf.data.Dataset:
+    """``tfds.load(..., download=False)``: the split's dataset, lazily, without ever trying
+    the network (no download retries, no wait on an offline machine).
+
+    Raises:
+      DataNotFoundError: the dataset is not prepared under the data directory; the message
+        says where tfds looked and how to prepare it.
+    """
+    import tensorflow_datasets as tfds  # slow import, only when a tfds set is used
+
+    source = source or _SOURCES[spec.name]
+    try:
+        return tfds.load(source.tfds_name, split=split, data_dir=data_dir or None,
+                         download=False, **load_kwargs)
+    except (AssertionError, tfds.core.DatasetNotFoundError, FileNotFoundError):
+        where = tfds_data_dir(data_dir)
+        name = source.tfds_name
+        raise DataNotFoundError(
+            f"Dataset {spec.name!r} (tfds {name!r}) is not prepared in {where} and is never "
+            f"downloaded during a run. Prepare it once with "
+            f"`tfds build {name} --data_dir={where}` (needs internet; offline: run that on a "
+            f"machine online, or with --manual_dir for manually downloaded files, and copy "
+            f"{os.path.join(where, name)} here), or point --data_dir (or $TFDS_DATA_DIR) at a "
+            f"directory that holds {name}/<version>/.") from None
+
+
 def _tfds_source(
     spec: core.DatasetSpec,
     source: _Source,
@@ -174,20 +215,18 @@ def _tfds_source(
     seed: int,
     with_labels: bool,
 ) -> tf.data.Dataset:
-    """Reads a split through `tfds.load`; yields uint8 images (and int32 labels)."""
+    """Reads a split through `tfds.load`; yields uint8 images (and int32 labels).
+
+    Never downloads: see `open_tfds` (a missing dataset raises `DataNotFoundError`).
+    """
     import tensorflow_datasets as tfds  # slow import, only when a tfds set is used
 
     # The file order must not depend on how many passes an iterator made before (a resumed run
     # starts a fresh one): the same order on every pass; `core.batch_pipeline` reshuffles.
     read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
                                   try_autocache=False)
-    ds = tfds.load(
-        source.tfds_name,
-        split=split,
-        data_dir=data_dir,
-        shuffle_files=shuffle_files,
-        read_config=read_config,
-    )
+    ds = open_tfds(spec, source, split, data_dir=data_dir, shuffle_files=shuffle_files,
+                   read_config=read_config)
 
     def select(example):
         image = example["image"]

@@ -7,7 +7,9 @@ import tensorflow as tf
 
 from tf_iresnet.datasets import core, images, toy2d
 
-__all__ = ["load", "names", "num_examples", "spec"]
+__all__ = ["DataNotFoundError", "check_available", "load", "names", "num_examples", "spec"]
+
+DataNotFoundError = images.DataNotFoundError
 
 # Published split sizes (used to turn --epochs into steps without touching the data).
 _SPLIT_SIZES = {
@@ -57,6 +59,26 @@ def num_examples(name: str, split: str = "train") -> int:
     return sizes[split]
 
 
+def check_available(name: str, splits: tuple[str, ...] = ("train", "test"), *,
+                    data_dir: str | None = None) -> None:
+    """Checks, without reading or downloading anything, that ``load`` can read ``splits``.
+
+    Generated and bundled sets (the toy 2-D sets, digits) are always available; a tfds set must
+    be prepared in ``data_dir`` (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``):
+    `load` never downloads.
+
+    Raises:
+      ValueError: an unknown dataset or split.
+      DataNotFoundError: a tfds set that is not prepared; the message says where tfds looked,
+        how to prepare the data (offline too) and how to point ``--data_dir`` at it.
+    """
+    ds_spec = spec(name)
+    for split in splits:
+        core.check_split(ds_spec, split, allow_slicing=ds_spec.source == "tfds")
+        if ds_spec.source == "tfds":
+            images.open_tfds(ds_spec, split=split, data_dir=data_dir)
+
+
 def load(
     name: str,
     split: str = "train",
@@ -96,7 +118,8 @@ def load(
         Never augment data for density estimation.
       with_labels: yield (x, label) with int32 labels [B] instead of x.
       seed: integer seed of every random choice in the pipeline.
-      data_dir: tfds data directory (None: the tfds default).
+      data_dir: tfds data directory (None: the tfds default). Nothing is downloaded: a tfds
+        set must be prepared there (`check_available`).
       drop_remainder: drop a last, smaller batch.
       num_examples: use only the first `num_examples` examples of the split (for quick tests
         and evaluation); for the toy "train" split, a fixed sample of that many points.
@@ -112,6 +135,7 @@ def load(
       ValueError: unknown dataset or split, batch_size <= 0, num_examples <= 0, augment on a
         vector dataset or without labels, with_labels on an unlabeled dataset, a finite pass
         (repeat=False) over an infinite toy stream, start_step < 0 or without repeat.
+      DataNotFoundError: a tfds set that is not prepared in the data directory.
     """
     ds_spec = spec(name)
     core.check_split(ds_spec, split, allow_slicing=ds_spec.source == "tfds")

@@ -159,7 +159,7 @@ class Evaluator:
         self.test = datasets.load(
             cfg.dataset, "test", batch_size=256, shuffle=False, repeat=False,
             drop_remainder=False, dequantize=cfg.model.hybrid, with_labels=True,
-            seed=cfg.seed + 1)
+            seed=cfg.seed + 1, data_dir=cfg.data_dir or None)
         eval_seed = tf.constant([cfg.seed, -1], tf.int32)
 
         def evaluate(images, labels):
@@ -221,7 +221,8 @@ class ClassifierTask(Task):
         cfg = self.config
         return datasets.load(
             cfg.dataset, "train", batch_size=cfg.batch_size, seed=cfg.seed, with_labels=True,
-            augment=cfg.augment, dequantize=cfg.model.hybrid, start_step=start_step)
+            augment=cfg.augment, dequantize=cfg.model.hybrid, start_step=start_step,
+            data_dir=cfg.data_dir or None)
 
     def init_inputs(self, batch):
         return batch[0]

@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from tf_iresnet import datasets, presets
-from tf_iresnet.training import make_strategy
+from tf_iresnet.training import RunDirError, check_output_dirs, make_strategy
 from tf_iresnet.training.config import atomic_write
 
 OPTIMIZERS = ("adamax", "adam", "sgd")
@@ -43,12 +43,29 @@ def run_dirs(preset: str, dataset: str, model_dir: str | None = None,
     return model_dir, export_dir
 
 
+def check_run_dirs(model_dir: str, export_dir: str = "") -> None:
+    """`tf_iresnet.training.check_output_dirs` for a run being configured: ``model_dir`` is
+    created if missing, ``export_dir``'s parent too (the directory itself is left to the export).
+
+    Raises:
+      ConfigError: either path is empty, an existing file, or cannot be created or written.
+    """
+    if not model_dir:
+        raise ConfigError("model_dir is empty: pass a directory that can be created and written.")
+    try:
+        check_output_dirs(model_dir, export_dir)
+    except RunDirError as e:
+        raise ConfigError(str(e)) from None
+
+
 def steps_for_epochs(dataset: str, epochs: float, batch_size: int) -> int:
     """Optimizer steps for ``epochs`` passes over the training split (at least 1).
 
     Raises:
-      ConfigError: ``dataset`` is a generated stream (no epochs).
+      ConfigError: ``dataset`` is a generated stream (no epochs), or ``epochs <= 0``.
     """
+    if not epochs > 0:
+        raise ConfigError(f"epochs must be > 0, got {epochs!r}.")
     try:
         size = datasets.num_examples(dataset, "train")
     except ValueError as e:

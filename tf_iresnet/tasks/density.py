@@ -118,7 +118,7 @@ class Evaluator:
         self.test = datasets.load(
             cfg.dataset, "test", batch_size=min(cfg.batch_size, 256), shuffle=False,
             repeat=False, drop_remainder=False, seed=cfg.seed + 1,
-            num_examples=cfg.eval_examples or None)
+            num_examples=cfg.eval_examples or None, data_dir=cfg.data_dir or None)
         self._log_prob = tf.function(self._log_prob_parts, reduce_retracing=True)
         self._invert = tf.function(self._reconstruct, reduce_retracing=True)
 
@@ -211,7 +211,7 @@ class DensityTask(Task):
     def train_data(self, start_step: int = 0) -> tf.data.Dataset:
         cfg = self.config
         return datasets.load(cfg.dataset, "train", batch_size=cfg.batch_size, seed=cfg.seed,
-                             start_step=start_step)
+                             start_step=start_step, data_dir=cfg.data_dir or None)
 
     def train_step(self, model: IResNetFlow, batch, step):
         return self._step(model, batch, step)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -20,7 +21,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_iresnet import converge_spectral_norms, update_spectral_norms
+from tf_iresnet import converge_spectral_norms, datasets, update_spectral_norms
 from tf_iresnet.tasks import common
 from tf_iresnet.training import (
     CheckpointError,
@@ -28,14 +29,15 @@ from tf_iresnet.training import (
     RunDirError,
     RunLock,
     Trainer,
-    check_output_dirs,
+    WorkerLostError,
     is_chief,
     swap_in_directory,
 )
+from tf_iresnet.training.strategy import PEER_FAILURE_ERRORS, is_multi_worker, lost_worker_error
 
 # Errors of a run that the binaries report as a message and exit status 1, without traceback:
 # the message says what happened and what to do.
-RUN_ERRORS = (CheckpointError, NonFiniteLossError, RunDirError)
+RUN_ERRORS = (CheckpointError, NonFiniteLossError, RunDirError, WorkerLostError)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,6 +61,14 @@ class RunConfig:
       eval_every, checkpoint_every: intervals in steps (0: only at the end).
       log_every: steps between TensorBoard/progress-bar updates.
       jit_compile: XLA-compile the per-replica forward and backward pass.
+      data_dir: where tfds datasets are prepared ('' for ``$TFDS_DATA_DIR`` or
+        ``~/tensorflow_datasets``); nothing is downloaded.
+
+    Raises:
+      common.ConfigError: on construction, a value no run can use (the message names the
+        field and what is allowed): a seed outside [0, `MAX_SEED`], a non-positive batch size
+        or learning rate, negative step counts or intervals, a batch larger than the
+        dataset's training split.
     """
 
     dataset: str
@@ -74,6 +84,62 @@ class RunConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     jit_compile: bool = False
+    data_dir: str = ""
+
+    def __post_init__(self):
+        check_run_config(self)
+
+
+# Seeds are int32 in the stateless seeds of the steps (and seed + 1 seeds the test split).
+MAX_SEED = 2**31 - 2
+
+
+def check_run_config(cfg: RunConfig) -> None:
+    """Raises `common.ConfigError` for a `RunConfig` value no run can use (see `RunConfig`)."""
+    def fail(message):
+        raise common.ConfigError(message)
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(cfg.seed) or not 0 <= cfg.seed <= MAX_SEED:
+        fail(f"seed must be an integer in [0, {MAX_SEED}], got {cfg.seed!r}.")
+    if not is_int(cfg.batch_size) or cfg.batch_size < 1:
+        fail(f"batch_size must be a positive integer, got {cfg.batch_size!r}.")
+    if not is_int(cfg.train_steps) or cfg.train_steps < 0:
+        fail(f"train_steps must be an integer >= 0 (0: only evaluate and export), got "
+             f"{cfg.train_steps!r}.")
+    if not (isinstance(cfg.learning_rate, int | float) and math.isfinite(cfg.learning_rate)
+            and cfg.learning_rate > 0):
+        fail(f"learning_rate must be a finite number > 0, got {cfg.learning_rate!r}.")
+    for name in ("eval_every", "checkpoint_every"):
+        value = getattr(cfg, name)
+        if not is_int(value) or value < 0:
+            fail(f"{name} must be an integer >= 0 (0: only at the end), got {value!r}.")
+    if not is_int(cfg.log_every) or cfg.log_every < 1:
+        fail(f"log_every must be a positive integer, got {cfg.log_every!r}.")
+    try:
+        size = datasets.num_examples(cfg.dataset, "train")
+    except ValueError:
+        return  # a generated stream (any batch size) or an unknown name (refused by the task)
+    if cfg.batch_size > size:
+        fail(f"batch_size {cfg.batch_size} is larger than the {size} training examples of "
+             f"{cfg.dataset!r}: use a batch_size of at most {size}.")
+
+
+def preflight(task: Task) -> None:
+    """The checks `run` makes before anything is created or trained: the run directories are
+    usable (`common.check_run_dirs`) and the data is on disk (`datasets.check_available`).
+
+    Raises:
+      common.ConfigError: with a message that says what to do.
+    """
+    cfg = task.config
+    common.check_run_dirs(cfg.model_dir, cfg.export_dir)
+    try:
+        datasets.check_available(cfg.dataset, data_dir=cfg.data_dir or None)
+    except ValueError as e:
+        raise common.ConfigError(str(e)) from None
 
 
 def default(config_cls: type[RunConfig], field: str) -> Any:
@@ -167,19 +233,20 @@ def run(task: Task) -> dict:
     Raises:
       common.ConfigError: a configuration that cannot work (unknown strategy, bad
         ``TF_CONFIG``, a batch that does not split over the replicas, a preset that does not
-        fit the dataset).
+        fit the dataset, an unusable ``model_dir`` or ``export_dir``, a tfds set that is not
+        prepared), before anything is trained.
       RunDirError: ``model_dir`` or ``export_dir`` unusable, or ``model_dir`` in use by
         another process.
       CheckpointError: no usable checkpoint although the directory has some, or a checkpoint
         of another model.
       NonFiniteLossError: training diverged (the newest checkpoint stays the last good one).
+      tf_iresnet.training.WorkerLostError: a multi-worker run lost a worker (TF aborted the
+        collectives); the message names it and says how to resume.
     """
     cfg = task.config
+    preflight(task)
     strategy = common.start_run(cfg.strategy, cfg.seed, cfg.batch_size)
-    chief = is_chief(strategy)
-    if chief:
-        check_output_dirs(cfg.model_dir, cfg.export_dir)
-    lock = RunLock(cfg.model_dir).acquire() if chief else None
+    lock = RunLock(cfg.model_dir).acquire() if is_chief(strategy) else None
     try:
         return _run_locked(task, strategy)
     finally:
@@ -199,13 +266,19 @@ def _run_locked(task: Task, strategy: tf.distribute.Strategy) -> dict:
         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         eval_every=cfg.eval_every, eval_fn=evaluator, jit_compile=cfg.jit_compile,
         config={**dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config)})
-    start = trainer.restore()
-    train = task.train_data(start_step=start)  # the batches of step `start` on
-    if start == 0:
-        # ActNorm's data-dependent init: once, eagerly, in cross-replica context, from the same
-        # first batch on every worker.
-        model.initialize(task.init_inputs(next(iter(train))))
-    results = trainer.train(train)
+    try:
+        start = trainer.restore()
+        train = task.train_data(start_step=start)  # the batches of step `start` on
+        if start == 0:
+            # ActNorm's data-dependent init: once, eagerly, in cross-replica context, from the
+            # same first batch on every worker.
+            model.initialize(task.init_inputs(next(iter(train))))
+        results = trainer.train(train)
+    except PEER_FAILURE_ERRORS as e:
+        if not is_multi_worker(strategy):
+            raise
+        raise lost_worker_error(
+            strategy, e, newest_checkpoint=tf.train.latest_checkpoint(cfg.model_dir)) from e
     results["num_replicas"] = strategy.num_replicas_in_sync
     results["step"] = trainer.step
     # Every worker reports it: workers (and replicas) must end with identical weights.

@@ -17,6 +17,7 @@ from tf_iresnet.training.run_dir import (
 from tf_iresnet.training.schedules import WarmupSchedule
 from tf_iresnet.training.strategy import (
     STRATEGY_NAMES,
+    WorkerLostError,
     is_chief,
     make_strategy,
     parse_tf_config,
@@ -32,6 +33,7 @@ __all__ = [
     "RunLock",
     "Trainer",
     "WarmupSchedule",
+    "WorkerLostError",
     "check_output_dirs",
     "config_to_dict",
     "image_summary",

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 from typing import Any
 
 import tensorflow as tf
@@ -91,6 +93,78 @@ def parse_tf_config(text: str | None) -> dict[str, Any]:
             f"{len(cluster[task_type])} address(es): {text!r}. {hint}"
         )
     return config
+
+
+class WorkerLostError(RuntimeError):
+    """A multi-worker run lost a worker: the survivors stop with this (one line that names the
+    lost worker and says how to resume) instead of TF's raw collective error."""
+
+
+# What a surviving worker sees when a peer dies: the collective is aborted (by the coordination
+# service's heartbeat, or a reset gRPC connection).
+PEER_FAILURE_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError,
+                       tf.errors.DeadlineExceededError)
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    """Whether ``strategy`` spans several processes (a `TF_CONFIG` cluster)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return False
+    return sum(len(v) for v in resolver.cluster_spec().as_dict().values()) > 1
+
+
+def lost_worker_error(strategy: tf.distribute.Strategy, error: Exception, *,
+                      newest_checkpoint: str | None = None) -> WorkerLostError:
+    """The `WorkerLostError` of a collective aborted by ``error`` (one of
+    `PEER_FAILURE_ERRORS`) under a multi-worker ``strategy``.
+
+    The lost worker is the peer TF names in ``error`` (``/job:worker/replica:0/task:1``);
+    failing that, the peers whose address no longer accepts connections.
+    """
+    task_type, task_id = task_info(strategy)
+    cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    text = getattr(error, "message", None) or str(error)
+    named = []
+    for job, index in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", text):
+        peer = (job, int(index))
+        if peer != (task_type, task_id) and job in cluster and peer not in named:
+            named.append(peer)
+    if not named:
+        named = [(job, i) for job, addresses in cluster.items()
+                 for i, address in enumerate(addresses)
+                 if (job, i) != (task_type, task_id) and not _accepts_connections(address)]
+    if named:
+        lost = ", ".join(f"{job} {i} ({_address(cluster, job, i)})" for job, i in named)
+    else:
+        lost = "another worker"
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.startswith("Graph execution error")]
+    cause = next((line for line in lines if "abort" in line.lower()), lines[0] if lines else "")
+    if not is_chief(strategy):
+        resume = "from the chief's newest checkpoint"
+    elif newest_checkpoint:
+        resume = f"from the newest checkpoint ({newest_checkpoint})"
+    else:
+        resume = "from step 0 (no checkpoint was written yet)"
+    return WorkerLostError(
+        f"{task_type} {task_id} lost {lost} of the multi-worker cluster and stopped "
+        f"({type(error).__name__}: {cause[:200]}). Restart every worker with the same command "
+        f"and TF_CONFIG: training resumes {resume}.")
+
+
+def _address(cluster: dict, job: str, index: int) -> str:
+    addresses = cluster.get(job, [])
+    return addresses[index] if 0 <= index < len(addresses) else "?"
+
+
+def _accepts_connections(address: str, timeout: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 # Keys one strategy may use before the next one's begin (TensorFlow's tests use the same stride).
