@@ -9,6 +9,7 @@ import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import cache_util
 
 from tf_iresnet import fixed_point
+from tf_iresnet.bijectors.checks import check_input
 from tf_iresnet.fixed_point import InverseConfig
 from tf_iresnet.logdet import LogDetConfig, residual_and_logdet, stateless_seed
 from tf_iresnet.recompute import recompute_gradient
@@ -120,7 +121,8 @@ class InvertibleResidualBlock(tfb.Bijector):
             log-det there (`tf_iresnet.recompute.recompute_gradient`): same values and
             gradients, the memory of one block instead of all inside a `tf.function`, one more
             forward pass with log-det per block. Both passes use the same seed.
-          validate_args: check inputs are finite and of the right rank.
+          validate_args: check that inputs are finite (forward and inverse). Inputs of
+            another dtype than ``residual_fn.compute_dtype`` are always refused (``TypeError``).
           name: name of the bijector.
         """
         parameters = dict(locals())
@@ -183,24 +185,14 @@ class InvertibleResidualBlock(tfb.Bijector):
 
     def _flatten_batch(self, x: tf.Tensor):
         """Reshapes ``[*batch, *event]`` to ``[prod(batch), *event]`` for the Keras branch."""
-        x = tf.convert_to_tensor(x)
-        rank = x.shape.rank
-        if rank is not None and rank < self._event_ndims:
-            raise ValueError(
-                f"{self.name} expects events of rank {self._event_ndims} "
-                f"({'[D]' if self._event_ndims == 1 else '[H, W, C]'}) with optional leading "
-                f"batch dimensions; got a tensor of shape {x.shape}."
-            )
+        x = check_input(self, x, dtype=getattr(self._residual_fn, "compute_dtype", None),
+                        event_ndims=self._event_ndims)
         shape = tf.shape(x)
         event_shape = shape[tf.rank(x) - self._event_ndims:]
         batch_shape = shape[: tf.rank(x) - self._event_ndims]
         static_event = x.shape[-self._event_ndims:]
         flat = tf.reshape(x, tf.concat([[-1], event_shape], axis=0))
         flat.set_shape(tf.TensorShape([None]).concatenate(static_event))
-        if self.validate_args:
-            flat = tf.debugging.assert_all_finite(
-                flat, f"{self.name}: input contains NaN or Inf; inputs must be finite."
-            )
         return flat, batch_shape
 
     def _unflatten(self, t: tf.Tensor, batch_shape, event: bool):
