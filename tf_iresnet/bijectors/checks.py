@@ -90,8 +90,9 @@ def static_or_assert(bijector: tfb.Bijector, shape_tensor: tf.Tensor, static_ok,
 class InputCheck(tfb.Bijector):
     """The identity, checking its inputs: dtype always, finiteness with ``validate_args``.
 
-    Put first in a chain of TFP bijectors (e.g. the preprocessing), so that a wrong input gets
-    a message naming the model's dtype instead of a kernel error deep inside.
+    Put at both ends of a chain of TFP bijectors (e.g. the preprocessing), so that a wrong
+    input, in either direction, gets a message naming the model's dtype instead of a
+    conversion or kernel error deep inside.
 
     Args:
       dtype: the required dtype (``None``: any).
@@ -110,10 +111,14 @@ class InputCheck(tfb.Bijector):
     def _parameter_properties(cls, dtype):
         return {}
 
+    # "Any dtype" to TFP in both directions, so that a chain with this check at its ends does
+    # not convert its input (failing with a message that names no bijector) before it runs.
     def _inverse_dtype(self, y_dtype, **kwargs):
-        # "Any dtype" to TFP, so that a chain ending in this check does not convert its input
-        # (failing with a message that names no bijector) before the check runs.
         del y_dtype, kwargs
+        return None
+
+    def _forward_dtype(self, x_dtype, **kwargs):
+        del x_dtype, kwargs
         return None
 
     def _forward(self, x):

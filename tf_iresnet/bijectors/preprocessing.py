@@ -25,7 +25,8 @@ def logit_preprocessing(alpha: float = 0.05, *, dtype=tf.float32,
     if not 0.0 <= alpha < 0.5:
         raise ValueError(f"alpha must be in [0, 0.5), got {alpha}.")
     return tfb.Chain(
-        [tfb.Invert(tfb.Sigmoid(validate_args=validate_args)),
+        [InputCheck(dtype, validate_args=validate_args, name="logit_preprocessing_output"),
+         tfb.Invert(tfb.Sigmoid(validate_args=validate_args)),
          tfb.Shift(tf.constant(alpha, dtype)), tfb.Scale(tf.constant(1.0 - 2.0 * alpha, dtype)),
          InputCheck(dtype, validate_args=validate_args, name="logit_preprocessing_input")],
         validate_args=validate_args, name="logit_preprocessing",
@@ -39,6 +40,7 @@ def centering(shift: float = -0.5, *, dtype=tf.float32,
     Inputs of another ``dtype`` are refused with a message naming it; ``validate_args=True``
     also checks that they are finite."""
     return tfb.Chain(
-        [tfb.Shift(tf.constant(shift, dtype)),
+        [InputCheck(dtype, validate_args=validate_args, name="centering_output"),
+         tfb.Shift(tf.constant(shift, dtype)),
          InputCheck(dtype, validate_args=validate_args, name="centering_input")],
         validate_args=validate_args, name="centering")
