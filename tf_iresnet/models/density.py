@@ -330,12 +330,17 @@ class IResNetFlow(keras.Model):
         return self.bijector(mode="none", **block_kwargs).inverse(z)
 
     def decode_with_stats(self, z: tf.Tensor, **block_kwargs):
-        """``(x, max iterations over blocks, max final residual over blocks)``."""
+        """``(x, max iterations over blocks, max final residual over blocks, converged)``.
+
+        ``converged`` (bool scalar) is whether every block met its tolerance; check it when
+        the inverse runs compiled or with ``on_failure="warn"`` (unconverged examples are NaN
+        in graphs with ``on_failure="raise"``)."""
         with fixed_point.collect_inverse_stats() as stats:
             x = self.decode(z, **block_kwargs)
         iterations = tf.reduce_max(tf.stack([s.iterations for s in stats]))
         residual = tf.reduce_max(tf.stack([s.residual for s in stats]))
-        return x, iterations, residual
+        converged = tf.reduce_all(tf.stack([s.converged for s in stats]))
+        return x, iterations, residual, converged
 
     def sample(self, n: int, seed, **block_kwargs) -> tf.Tensor:
         """``n`` samples ``[n, *input_shape]``: ``distribution().sample(n, seed=seed)`` (a
