@@ -84,8 +84,8 @@ def test_encode_decode_sample(config):
     z = model.encode(x)
     assert z.shape == [5, config.event_size]
     np.testing.assert_allclose(model.decode(tf.identity(z)).numpy(), x.numpy(), atol=1e-4)
-    x_rec, iterations, residual = model.decode_with_stats(tf.identity(z))
-    assert 1 <= int(iterations) <= 100 and float(residual) < 1e-3
+    x_rec, iterations, residual, converged = model.decode_with_stats(tf.identity(z))
+    assert 1 <= int(iterations) <= 100 and float(residual) < 1e-3 and bool(converged)
     s1 = model.sample(4, seed=[1, 2])
     np.testing.assert_array_equal(s1.numpy(), model.sample(4, seed=[1, 2]).numpy())
     assert s1.shape == [4, *config.input_shape]

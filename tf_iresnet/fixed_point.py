@@ -14,6 +14,12 @@ Both stop as soon as every element of the batch satisfies
 ``|F(x_k) - x_k| <= atol + rtol * |F(x_k)|`` and return ``F(x_k)``; ``iterations`` counts the
 evaluations of ``g``. Both are ``tf.while_loop``s, so they run eagerly, inside ``tf.function``
 and under XLA.
+
+A solve that misses its tolerance is never returned silently (`check_converged`): eagerly it
+raises `InverseNotConvergedError`; in a graph the examples that missed it come back as NaN,
+and a run-time assertion fires too where assertions run (plain graphs; XLA drops assertions,
+so there the NaN, and ``FixedPointResult.converged``, are the signal). This is what TFP's
+``ScalarFunctionWithInferredInverse(require_convergence=True)`` does.
 """
 
 from __future__ import annotations
@@ -85,13 +91,15 @@ class FixedPointResult:
       x: the solution, same shape as ``y``.
       iterations: int32 scalar, evaluations of ``g`` used.
       residual: float scalar, ``max |F(x) - x|`` at the last iterate (the step that produced x).
-      converged: bool scalar, whether the tolerance was met.
+      converged: bool scalar, whether the tolerance was met (by every example).
+      example_converged: bool ``[B]``, whether each example met the tolerance.
     """
 
     x: tf.Tensor
     iterations: tf.Tensor
     residual: tf.Tensor
     converged: tf.Tensor
+    example_converged: tf.Tensor | None = None
 
 
 _COLLECTORS = threading.local()
@@ -124,6 +132,14 @@ def _converged(x: tf.Tensor, fx: tf.Tensor, atol: float, rtol: float) -> tf.Tens
     return tf.reduce_all(tf.abs(fx - x) <= atol + rtol * tf.abs(fx))
 
 
+def _example_converged(x: tf.Tensor, fx: tf.Tensor, atol: float, rtol: float) -> tf.Tensor:
+    """``[B]`` bool: every element of the example meets ``|F(x) - x| <= atol + rtol |F(x)|``.
+
+    NaN compares false, so a diverged example counts as unconverged."""
+    ok = tf.abs(fx - x) <= atol + rtol * tf.abs(fx)
+    return tf.reduce_all(tf.reshape(ok, [tf.shape(x)[0], -1]), axis=1)
+
+
 def _picard(fn, y, atol, rtol, max_iter):
     def cond(k, x, fx, done):
         del x, fx
@@ -136,10 +152,10 @@ def _picard(fn, y, atol, rtol, max_iter):
         return k + 1, x_new, f_new, _converged(x_new, f_new, atol, rtol)
 
     f0 = fn(y)
-    k, x, fx, done = tf.while_loop(
+    k, x, fx, _ = tf.while_loop(
         cond, body, (tf.constant(1), y, f0, _converged(y, f0, atol, rtol))
     )
-    return fx, k, tf.reduce_max(tf.abs(fx - x)), done
+    return fx, k, tf.reduce_max(tf.abs(fx - x)), _example_converged(x, fx, atol, rtol)
 
 
 def _anderson(fn, y, atol, rtol, max_iter, memory):
@@ -179,10 +195,10 @@ def _anderson(fn, y, atol, rtol, max_iter, memory):
         fs = tf.tensor_scatter_nd_update(fs, slot, flat(f_new))
         return k + 1, x_new, f_new, xs, fs, _converged(x_new, f_new, atol, rtol)
 
-    k, x, fx, _, _, done = tf.while_loop(
+    k, x, fx, _, _, _ = tf.while_loop(
         cond, body, (tf.constant(1), y, f0, xs, fs, _converged(y, f0, atol, rtol))
     )
-    return fx, k, tf.reduce_max(tf.abs(fx - x)), done
+    return fx, k, tf.reduce_max(tf.abs(fx - x)), _example_converged(x, fx, atol, rtol)
 
 
 def _slot(batch, index):
@@ -225,12 +241,13 @@ def solve_fixed_point(
         return y - g(x)
 
     if method == "fixed_point":
-        x, k, res, done = _picard(fn, y, atol, rtol, max_iter)
+        x, k, res, ok = _picard(fn, y, atol, rtol, max_iter)
     else:
         if anderson_memory < 1:
             raise ValueError(f"anderson_memory must be >= 1, got {anderson_memory}.")
-        x, k, res, done = _anderson(fn, y, atol, rtol, max_iter, anderson_memory)
-    result = FixedPointResult(x=x, iterations=k, residual=res, converged=done)
+        x, k, res, ok = _anderson(fn, y, atol, rtol, max_iter, anderson_memory)
+    result = FixedPointResult(x=x, iterations=k, residual=res, converged=tf.reduce_all(ok),
+                              example_converged=ok)
     for collected in getattr(_COLLECTORS, "stack", ()):
         collected.append(result)
     return result
@@ -242,9 +259,14 @@ def check_converged(
 ) -> tf.Tensor:
     """Reports a solve that missed its tolerance and returns ``result.x``.
 
-    Eagerly this raises ``InverseNotConvergedError`` (or warns); in a graph it adds an assertion
-    (or a printed warning) that fires at run time with the residual reached. XLA drops
-    assertions, so under ``jit_compile`` a failure can only be seen in ``result.converged``.
+    ``on_failure="raise"``: eagerly this raises ``InverseNotConvergedError``. In a graph the
+    examples that missed the tolerance are returned as NaN (the others unchanged) and an
+    assertion with the residual reached fires at run time; under XLA (``jit_compile=True``),
+    which drops assertions, the NaN remains, so an unconverged inverse is never a silently
+    wrong value. Check ``result.converged`` (or `collect_inverse_stats`) for the flag.
+
+    ``on_failure="warn"``: returns the last iterate unchanged, with a warning (eagerly) or a
+    message printed to stderr (graphs; not under XLA, which cannot print).
     """
     if on_failure not in ON_FAILURE:
         raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
@@ -264,7 +286,7 @@ def check_converged(
     if on_failure == "raise":
         check = tf.debugging.Assert(result.converged, [msg, result.residual, hint], summarize=1)
         with tf.control_dependencies([check]):
-            return tf.identity(result.x)
+            return nan_unconverged(result)
 
     def _warn():
         tf.print("WARNING:", msg, result.residual, hint, output_stream="file://stderr")
@@ -273,3 +295,13 @@ def check_converged(
     done = tf.cond(result.converged, lambda: tf.constant(True), _warn)
     with tf.control_dependencies([done]):
         return tf.identity(result.x)
+
+
+def nan_unconverged(result: FixedPointResult) -> tf.Tensor:
+    """``result.x`` with every example that missed the tolerance replaced by NaN."""
+    x = result.x
+    ok = result.example_converged
+    if ok is None:
+        ok = tf.fill(tf.shape(x)[:1], result.converged)
+    mask = tf.reshape(ok, tf.concat([tf.shape(ok), tf.ones([tf.rank(x) - 1], tf.int32)], 0))
+    return tf.where(mask, x, tf.constant(float("nan"), x.dtype))

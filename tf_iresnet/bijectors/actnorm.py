@@ -9,6 +9,8 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tf_iresnet.bijectors.checks import check_input
+
 tfb = tfp.bijectors
 
 __all__ = ["ActNorm", "ActNormState", "data_dependent_init"]
@@ -124,6 +126,8 @@ class ActNorm(tfb.Bijector):
       event_ndims: 3 for NHWC images, 1 for vectors.
       validate_args: check that inputs are finite.
       name: the bijector's name.
+
+    Inputs must have the state's dtype (``TypeError`` naming it otherwise).
     """
 
     def __init__(self, state: ActNormState | None = None, *, event_ndims: int = 3,
@@ -150,12 +154,8 @@ class ActNorm(tfb.Bijector):
         return {}
 
     def _check(self, x):
-        if x.shape.rank is not None and x.shape.rank < self._event_ndims:
-            raise ValueError(
-                f"{self.name} expects events of rank {self._event_ndims}; got shape {x.shape}.")
-        if self.validate_args:
-            x = tf.debugging.assert_all_finite(x, f"{self.name}: input must be finite.")
-        return x
+        return check_input(self, x, dtype=self._state.compute_dtype,
+                           event_ndims=self._event_ndims)
 
     def _loc_and_log_scale(self, x, initialize: bool = False):
         if not self._state.built:

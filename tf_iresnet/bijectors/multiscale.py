@@ -9,6 +9,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import cache_util
 
+from tf_iresnet.bijectors.checks import check_input, check_static_event_shape, static_or_assert
+
 tfb = tfp.bijectors
 
 __all__ = ["MultiScale"]
@@ -34,6 +36,14 @@ class MultiScale(tfb.Bijector):
       factor_out: factor out half the channels after each non-final scale.
       compute_logdet: whether the forward pass also computes the log-det (False for encoders
         built with ``logdet="none"`` blocks).
+      dtype: the dtype inputs must have (the weights' dtype): another dtype is refused with a
+        ``TypeError`` naming it before any scale runs. ``None``: not checked here.
+      validate_args: check that inputs are finite (and, in the ``*_event_shape_tensor``
+        functions, shapes only known at run time).
+
+    The calls and ``forward_event_shape`` / ``inverse_event_shape`` (and their ``_tensor``
+    versions) refuse shapes other than ``[..., *input_shape]`` (forward) and ``[..., D]``
+    (inverse).
     """
 
     _cache = cache_util.BijectorCacheWithGreedyAttrs(
@@ -41,7 +51,7 @@ class MultiScale(tfb.Bijector):
     )
 
     def __init__(self, scales: Sequence[tfb.Bijector], input_shape: Sequence[int], *,
-                 factor_out: bool = True, compute_logdet: bool = True,
+                 factor_out: bool = True, compute_logdet: bool = True, dtype=None,
                  validate_args: bool = False, name: str = "multiscale"):
         parameters = dict(locals())
         self._scales = list(scales)
@@ -49,6 +59,7 @@ class MultiScale(tfb.Bijector):
         self._event_ndims = len(self._input_shape)
         self._factor_out = factor_out
         self._compute_logdet = compute_logdet
+        self._required_dtype = None if dtype is None else tf.as_dtype(dtype)
         # Static bookkeeping: the shape entering each scale and the factored sizes.
         self._shapes_in, self._parts = [], []
         shape = tf.TensorShape(self._input_shape)
@@ -81,6 +92,7 @@ class MultiScale(tfb.Bijector):
         return tf.shape(t)[: tf.rank(t) - event_rank]
 
     def _augmented_forward(self, x):
+        x = check_input(self, x, dtype=self._required_dtype, event_shape=self._input_shape)
         batch = self._batch(x, self._event_ndims)
         h = x
         latents, ldj = [], 0.0
@@ -104,6 +116,8 @@ class MultiScale(tfb.Bijector):
         return z, {"fldj": ldj, "ildj": -ldj}
 
     def _augmented_inverse(self, z):
+        z = check_input(self, z, dtype=self._required_dtype, event_shape=[self._dim],
+                        what="latent")
         batch = self._batch(z, 1)
         sizes = [p.num_elements() for p in self._parts]
         pieces = tf.split(z, sizes, axis=-1)
@@ -137,15 +151,41 @@ class MultiScale(tfb.Bijector):
             cached.update(self._augmented_forward(x)[1])
         return cached["ildj"]
 
+    def _forward_fits(self, shape) -> bool:
+        shape = tf.TensorShape(shape)
+        if shape.rank is None:
+            return True
+        n = self._event_ndims
+        return shape.rank >= n and shape[shape.rank - n:].is_compatible_with(self._input_shape)
+
+    def _inverse_fits(self, shape) -> bool:
+        shape = tf.TensorShape(shape)
+        if shape.rank is None:
+            return True
+        return shape.rank >= 1 and shape[-1:].is_compatible_with([self._dim])
+
     def _forward_event_shape(self, input_shape):
+        check_static_event_shape(self, input_shape, self._forward_fits(input_shape),
+                                 f"[..., {', '.join(map(str, self._input_shape))}]", "forward")
         return input_shape[: input_shape.rank - self._event_ndims].concatenate([self._dim])
 
     def _inverse_event_shape(self, output_shape):
+        check_static_event_shape(self, output_shape, self._inverse_fits(output_shape),
+                                 f"[..., {self._dim}]", "inverse")
         return output_shape[:-1].concatenate(self._input_shape)
 
     def _forward_event_shape_tensor(self, input_shape):
-        return tf.concat([input_shape[: tf.size(input_shape) - self._event_ndims],
-                          [self._dim]], 0)
+        n = self._event_ndims
+        checks = static_or_assert(
+            self, input_shape, self._forward_fits,
+            lambda s: tf.reduce_all(tf.equal(s[tf.size(s) - n:], self._input_shape)),
+            f"[..., {', '.join(map(str, self._input_shape))}]", "forward")
+        with tf.control_dependencies(checks):
+            return tf.concat([input_shape[: tf.size(input_shape) - n], [self._dim]], 0)
 
     def _inverse_event_shape_tensor(self, output_shape):
-        return tf.concat([output_shape[:-1], self._input_shape], 0)
+        checks = static_or_assert(self, output_shape, self._inverse_fits,
+                                  lambda s: tf.equal(s[-1], self._dim), f"[..., {self._dim}]",
+                                  "inverse")
+        with tf.control_dependencies(checks):
+            return tf.concat([output_shape[:-1], self._input_shape], 0)

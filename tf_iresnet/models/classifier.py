@@ -322,7 +322,7 @@ class IResNetClassifier(keras.Model):
     def bijectors(self, *, logdet: str = "none", n_terms: int = 5,
                   seed=None, inverse_on_failure: str = "raise",
                   inverse_atol: float | None = None, inverse_rtol: float | None = None,
-                  inverse_max_iter: int | None = None) -> list:
+                  inverse_max_iter: int | None = None, validate_args: bool = False) -> list:
         """The invertible part as TFP bijector views over this model's weights, in forward order.
 
         Args:
@@ -333,24 +333,27 @@ class IResNetClassifier(keras.Model):
           inverse_on_failure: "raise" or "warn" when a block's inverse misses its tolerance.
           inverse_atol, inverse_rtol, inverse_max_iter: override the config's inverse tolerance
             and budget (e.g. tighter for export).
+          validate_args: every view checks that its inputs are finite (inputs of another
+            dtype than the model's are always refused).
         """
         cfg = self.config
-        views = [centering()]
+        va = dict(validate_args=validate_args)
+        views = [centering(dtype=self.compute_dtype, **va)]
         if cfg.pad_channels:
             # Initialized from data, an ActNorm would give the all-zero padding channels the
             # scale 1/eps (1e6), which also multiplies the gradient of their shift; so the
             # first block's ActNorm normalizes the data channels before the padding.
             if cfg.actnorm:
-                views.append(ActNorm(self.actnorm_0, name="actnorm_0"))
-            views.append(ZeroChannelPad(cfg.pad_channels))
+                views.append(ActNorm(self.actnorm_0, name="actnorm_0", **va))
+            views.append(ZeroChannelPad(cfg.pad_channels, **va))
         states, branches = self.actnorm_states, self.branches
         block_seeds = (None if seed is None else
                        tfp.random.split_seed(seed, n=len(branches), salt="classifier_blocks"))
         for i, branch in enumerate(branches):
             if self._squeeze_first[i]:
-                views.append(Squeeze())
+                views.append(Squeeze(**va))
             if cfg.actnorm and not (i == 0 and cfg.pad_channels):
-                views.append(ActNorm(states[i], name=f"actnorm_{i}"))
+                views.append(ActNorm(states[i], name=f"actnorm_{i}", **va))
             views.append(InvertibleResidualBlock(
                 branch, event_ndims=3, logdet=logdet, n_terms=n_terms,
                 seed=None if seed is None else block_seeds[i],
@@ -359,7 +362,7 @@ class IResNetClassifier(keras.Model):
                     rtol=inverse_rtol or cfg.inverse_rtol,
                     max_iter=inverse_max_iter or cfg.inverse_max_iter,
                     on_failure=inverse_on_failure),
-                name=f"block_{i}"))
+                name=f"block_{i}", **va))
         return views
 
     def _fresh(self, t) -> tf.Tensor:
@@ -395,15 +398,17 @@ class IResNetClassifier(keras.Model):
                                reinterpreted_batch_ndims=len(self.config.feature_shape))
 
     def distribution(self, *, logdet: str | None = None, n_terms: int | None = None,
-                     seed=None) -> tfd.TransformedDistribution:
+                     seed=None, validate_args: bool = False) -> tfd.TransformedDistribution:
         """The hybrid model's density over images in [0, 1]: `prior` pushed through the
         inverse of `flow`, with the given log-det estimator (default: the config's evaluation
-        estimator). Meaningful for hybrid models (``hybrid_weight > 0``; never padded)."""
+        estimator). Meaningful for hybrid models (``hybrid_weight > 0``; never padded).
+        ``validate_args=True``: NaN or Inf inputs raise in every view."""
         self._check_hybrid("distribution")
         cfg = self.config
         flow = self.flow(logdet=logdet or cfg.eval_logdet, n_terms=n_terms or cfg.eval_n_terms,
-                         seed=seed)
-        return tfd.TransformedDistribution(self.prior(), tfb.Invert(flow), name="hybrid")
+                         seed=seed, validate_args=validate_args)
+        return tfd.TransformedDistribution(self.prior(), tfb.Invert(flow, validate_args=validate_args),
+                                           validate_args=validate_args, name="hybrid")
 
     # -- the head and the objectives ------------------------------------------------------
 

@@ -231,18 +231,24 @@ class IResNetFlow(keras.Model):
             return dict(logdet="none")
         raise ValueError(f"mode must be 'train', 'eval' or 'none', got {mode!r}.")
 
-    def bijector(self, *, mode: str = "eval", seed=None, **block_kwargs) -> MultiScale:
+    def bijector(self, *, mode: str = "eval", seed=None, validate_args: bool = False,
+                 **block_kwargs) -> MultiScale:
         """The data-to-latent bijector ``x [*input_shape] -> z [D]`` over the current weights.
 
         Args:
           mode: ``"train"`` (training estimator), ``"eval"`` (evaluation estimator) or
             ``"none"`` (no log-det: encoding and decoding only).
           seed: stateless seed for the log-det estimators (each block gets its own stream).
+          validate_args: every bijector checks that its inputs are finite (NaN or Inf raise
+            ``InvalidArgumentError`` naming it). Inputs of another dtype than the model's are
+            always refused (``TypeError``).
           **block_kwargs: overrides for every ``InvertibleResidualBlock`` (e.g.
             ``inverse=InverseConfig(solver="anderson", atol=1e-6)``).
         """
         c = self.config
         kwargs = {**self._estimator_kwargs(mode), **block_kwargs}
+        va = dict(validate_args=validate_args)
+        dtype = self.compute_dtype
         ndims = len(c.input_shape)
         n_blocks = len(self.branches)
         seeds = ([None] * n_blocks if seed is None
@@ -251,22 +257,23 @@ class IResNetFlow(keras.Model):
         for s, plan in enumerate(self._plan):
             steps = []
             if s == 0 and c.preprocessing != "none":
-                steps.append(centering() if c.preprocessing == "center"
-                             else logit_preprocessing(c.logit_alpha))
+                steps.append(centering(dtype=dtype, **va) if c.preprocessing == "center"
+                             else logit_preprocessing(c.logit_alpha, dtype=dtype, **va))
             for item in plan:
                 if item[0] == "squeeze":
-                    steps.append(Squeeze())
+                    steps.append(Squeeze(**va))
                     continue
                 i = item[1]
                 if c.actnorm:
                     steps.append(ActNorm(self.actnorms[i], event_ndims=ndims,
-                                         name=f"actnorm_{i}"))
+                                         name=f"actnorm_{i}", **va))
                 steps.append(InvertibleResidualBlock(
                     self.branches[i], event_ndims=ndims, seed=seeds[i],
-                    name=f"block_{i}", **kwargs))
-            scales.append(tfb.Chain(list(reversed(steps)), name=f"scale_{s}"))
+                    name=f"block_{i}", **va, **kwargs))
+            scales.append(tfb.Chain(list(reversed(steps)), name=f"scale_{s}", **va))
         return MultiScale(scales, c.input_shape, factor_out=c.factor_out and c.architecture == "conv",
-                          compute_logdet=getattr(kwargs["logdet"], "method", kwargs["logdet"]) != "none")
+                          compute_logdet=getattr(kwargs["logdet"], "method", kwargs["logdet"]) != "none",
+                          dtype=dtype, **va)
 
     def prior(self) -> tfd.Distribution:
         """The latent distribution, a diagonal Gaussian over ``[D]``."""
@@ -274,12 +281,16 @@ class IResNetFlow(keras.Model):
             loc=tf.convert_to_tensor(self.prior_loc),
             scale_diag=tf.exp(tf.convert_to_tensor(self.prior_log_scale)))
 
-    def distribution(self, *, mode: str = "eval", seed=None,
+    def distribution(self, *, mode: str = "eval", seed=None, validate_args: bool = False,
                      **block_kwargs) -> tfd.TransformedDistribution:
         """The model density over data events, ``event_shape = input_shape``: the prior pushed
-        through the inverse flow. Its ``sample(n, seed=...)`` is the model's sampling path."""
-        flow = self.bijector(mode=mode, seed=seed, **block_kwargs)
-        return tfd.TransformedDistribution(self.prior(), tfb.Invert(flow), name="iresnet_flow")
+        through the inverse flow. Its ``sample(n, seed=...)`` is the model's sampling path and
+        is differentiable in the weights (implicit gradient of every block's inverse).
+        ``validate_args=True``: NaN or Inf inputs (``log_prob``) or latents raise (see
+        `bijector`)."""
+        flow = self.bijector(mode=mode, seed=seed, validate_args=validate_args, **block_kwargs)
+        return tfd.TransformedDistribution(self.prior(), tfb.Invert(flow, validate_args=validate_args),
+                                           validate_args=validate_args, name="iresnet_flow")
 
     # -- computations ---------------------------------------------------------------------------
 
@@ -319,12 +330,17 @@ class IResNetFlow(keras.Model):
         return self.bijector(mode="none", **block_kwargs).inverse(z)
 
     def decode_with_stats(self, z: tf.Tensor, **block_kwargs):
-        """``(x, max iterations over blocks, max final residual over blocks)``."""
+        """``(x, max iterations over blocks, max final residual over blocks, converged)``.
+
+        ``converged`` (bool scalar) is whether every block met its tolerance; check it when
+        the inverse runs compiled or with ``on_failure="warn"`` (unconverged examples are NaN
+        in graphs with ``on_failure="raise"``)."""
         with fixed_point.collect_inverse_stats() as stats:
             x = self.decode(z, **block_kwargs)
         iterations = tf.reduce_max(tf.stack([s.iterations for s in stats]))
         residual = tf.reduce_max(tf.stack([s.residual for s in stats]))
-        return x, iterations, residual
+        converged = tf.reduce_all(tf.stack([s.converged for s in stats]))
+        return x, iterations, residual, converged
 
     def sample(self, n: int, seed, **block_kwargs) -> tf.Tensor:
         """``n`` samples ``[n, *input_shape]``: ``distribution().sample(n, seed=seed)`` (a
