@@ -119,7 +119,9 @@ def benchmark(cfg: BenchConfig, phases=PHASES, log=None) -> dict:
         "warmup": cfg.warmup,
         "overrides": cfg.overrides,
         "train_estimator": "preset's training estimator (series, n_terms/n_samples of the "
-                           "preset unless overridden), Adamax, post-step power iterations",
+                           "preset unless overridden; Neumann gradient unless "
+                           "--override=neumann_gradient=false), Adamax, post-step power "
+                           "iterations",
         "dtype": "float32",
         "kernels": record.pop("kernels", None),
         "onednn_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),

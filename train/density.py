@@ -65,7 +65,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_enum("probe", None, list(PROBES), "Hutchinson probe distribution.",
                       flag_values=fv)
     flags.DEFINE_boolean("neumann_gradient", None,
-                         "Memory-saving Neumann-series log-det gradient.", flag_values=fv)
+                         "Memory-saving Neumann-series log-det gradient (the presets' default; "
+                         "--noneumann_gradient differentiates the estimate itself, as the "
+                         "reference code does).", flag_values=fv)
     flags.DEFINE_boolean("recompute", None, "Recompute each residual block in the backward "
                          "pass instead of storing it (less memory, about a third more time).",
                          flag_values=fv)

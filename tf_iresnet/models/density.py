@@ -54,7 +54,11 @@ class DensityConfig:
       logit_alpha: alpha of the logit preprocessing.
       prior: ``"learned"`` (diagonal Gaussian with trained mean and scale) or ``"fixed"`` N(0, I).
       logdet: training estimator (``"series"``, ``"unbiased"``, ``"exact"``).
-      n_terms, n_samples, n_exact_terms, neumann_gradient: training estimator settings.
+      n_terms, n_samples, n_exact_terms: training estimator settings.
+      neumann_gradient: the memory-saving Neumann-series gradient of Residual Flows (default;
+        the same expectation as the plain gradient of the estimate, see
+        ``tests/test_neumann_gradient.py``); False differentiates the estimate itself (the
+        reference code's gradient).
       recompute: recompute every residual block in the training step's backward pass instead
         of keeping its intermediates (gradient checkpointing; same values and gradients, less
         memory, more time: see ``benchmarks/README.md``).
@@ -86,7 +90,7 @@ class DensityConfig:
     n_terms: int = 5
     n_samples: int = 1
     n_exact_terms: int = 2
-    neumann_gradient: bool = False
+    neumann_gradient: bool = True
     recompute: bool = False
     probe: str = "gaussian"
     eval_logdet: str = "series"
