@@ -27,6 +27,13 @@ Examples::
     python -m benchmarks.run --preset=bench_cifar_small --xla=both
     python -m benchmarks.run --preset=bench_cifar_small,bench_cifar_width512_d1 --output=b.json
     python -m benchmarks.run --preset=bench_cifar_small --sweep --sweep_dir=/tmp/sweep
+    python -m benchmarks.run --preset=bench_cifar_small --xla=off --phases=train --depth_sweep
+    python -m benchmarks.run --preset=bench_mnist --xla=off --phases=train \
+        --full_depth=mnist_density_paper,cifar10_density_paper
+
+``--depth_sweep`` and ``--full_depth`` (``benchmarks.depth``) add the depth figures of issue
+#10; the last line printed is ``{"targets": ...}``, every measured target figure against the
+reference's (REFERENCE.md section 3).
 
 This module is the command line and the driver; the pieces live beside it:
 ``benchmarks.measure`` (memory, timing, kernels), ``benchmarks.phases`` (the model, the batch
@@ -44,7 +51,10 @@ import subprocess
 import sys
 import time
 
-from benchmarks import roofline  # noqa: F401  (registers the roofline phase)
+from benchmarks import (
+    depth,
+    roofline,  # noqa: F401  (registers the roofline phase)
+)
 from benchmarks.chart import sweep_png
 from benchmarks.measure import cpu_description
 from benchmarks.phases import PHASE_FNS, PHASES, BenchConfig, run_phase
@@ -119,7 +129,9 @@ def benchmark(cfg: BenchConfig, phases=PHASES, log=None) -> dict:
         "warmup": cfg.warmup,
         "overrides": cfg.overrides,
         "train_estimator": "preset's training estimator (series, n_terms/n_samples of the "
-                           "preset unless overridden), Adamax, post-step power iterations",
+                           "preset unless overridden; Neumann gradient unless "
+                           "--override=neumann_gradient=false), Adamax, post-step power "
+                           "iterations",
         "dtype": "float32",
         "kernels": record.pop("kernels", None),
         "onednn_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
@@ -176,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep_steps", type=int, default=5, help="timed steps per sweep point")
     p.add_argument("--sweep_dir", default="benchmarks/results",
                    help="where the sweep CSV and PNG go")
+    p.add_argument("--depth_sweep", action="store_true",
+                   help="also train at blocks 4-4-4 and 16-16-16 (the preset's widths) with "
+                        "gradient_memory=invertible and stored: peak memory versus depth")
+    p.add_argument("--depth_blocks", default="4,4,4;16,16,16",
+                   help="the depth sweep's blocks per scale, ';'-separated")
+    p.add_argument("--full_depth", default="",
+                   help="comma list of full-depth presets (e.g. mnist_density_paper,"
+                        "cifar10_density_paper) trained one step with gradient_memory="
+                        "invertible (override it with --override=gradient_memory=...)")
     p.add_argument("--output", default="", help="JSON file for all records")
     p.add_argument("--phase", default="", help=argparse.SUPPRESS)
     p.add_argument("--phase_config", default="", help=argparse.SUPPRESS)
@@ -199,7 +220,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    records, sweep_rows = [], []
+    records, sweep_rows, depth_rows, full_rows = [], [], [], []
     for preset in presets:
         for xla in xla_modes:
             cfg = BenchConfig(
@@ -214,6 +235,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.sweep:
             cfg = dataclasses.replace(cfg, xla=xla_modes[-1])
             sweep_rows += sweep(cfg, args.sweep_steps, _spawn_phase, log=log)
+        if args.depth_sweep:
+            blocks = [tuple(int(b) for b in item.split(",")) for item in
+                      args.depth_blocks.split(";") if item]
+            depth_rows += depth.depth_sweep(dataclasses.replace(cfg, xla=xla_modes[0]),
+                                            _spawn_phase, log=log, depths=blocks)
+    if args.full_depth:
+        full_cfg = dataclasses.replace(cfg, xla=xla_modes[0])
+        full_rows = depth.full_depth(full_cfg, _spawn_phase, log=log,
+                                     presets=[p for p in args.full_depth.split(",") if p])
+    for rows, name in ((depth_rows, "depth_sweep"), (full_rows, "full_depth")):
+        for row in rows:
+            print(json.dumps({name: row}), flush=True)
+    summary = depth.targets(records, depth_rows, full_rows)
+    print(json.dumps({"targets": summary}), flush=True)
     if sweep_rows:
         os.makedirs(args.sweep_dir, exist_ok=True)
         log(sweep_table(sweep_rows))
@@ -222,7 +257,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         log(f"sweep written to {args.sweep_dir}/sweep.csv and sweep.png")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"records": records, "sweep": sweep_rows}, f, indent=2)
+            json.dump({"records": records, "sweep": sweep_rows, "depth_sweep": depth_rows,
+                       "full_depth": full_rows, "targets": summary}, f, indent=2)
     return records
 
 

@@ -15,6 +15,7 @@ import functools
 
 from absl import app, flags
 
+from tf_iresnet.invertible_gradient import GRADIENT_MEMORY
 from tf_iresnet.logdet import METHODS, PROBES
 from tf_iresnet.tasks.common import run_dirs, steps_for_epochs
 from tf_iresnet.tasks.density import (
@@ -28,7 +29,7 @@ from tf_iresnet.tasks.run import default as config_default
 from .flags import define_common_flags, run_task
 
 _MODEL_FLAGS = ("logdet", "n_terms", "n_samples", "n_exact_terms", "probe", "neumann_gradient",
-                "recompute", "coeff", "power_iterations")
+                "recompute", "gradient_memory", "coeff", "power_iterations")
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -67,10 +68,17 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_enum("probe", None, list(PROBES), "Hutchinson probe distribution.",
                       flag_values=fv)
     flags.DEFINE_boolean("neumann_gradient", None,
-                         "Memory-saving Neumann-series log-det gradient.", flag_values=fv)
+                         "Memory-saving Neumann-series log-det gradient (the presets' default; "
+                         "--noneumann_gradient differentiates the estimate itself, as the "
+                         "reference code does).", flag_values=fv)
     flags.DEFINE_boolean("recompute", None, "Recompute each residual block in the backward "
                          "pass instead of storing it (less memory, about a third more time).",
                          flag_values=fv)
+    flags.DEFINE_enum("gradient_memory", None, list(GRADIENT_MEMORY),
+                      "Backward pass of the training step: 'stored' (the preset's default) keeps "
+                      "the forward pass's activations; 'invertible' rebuilds every block's "
+                      "input from its output, so memory does not grow with depth (one inverse "
+                      "and one more forward pass per block).", flag_values=fv)
     flags.DEFINE_integer("eval_examples", default("eval_examples"),
                          "Test examples per evaluation (0: all).", lower_bound=0,
                          flag_values=fv)

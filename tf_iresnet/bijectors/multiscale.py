@@ -88,6 +88,16 @@ class MultiScale(tfb.Bijector):
     def scales(self) -> list[tfb.Bijector]:
         return self._scales
 
+    @property
+    def event_ndims(self) -> int:
+        """Rank of one data event (3 for images, 1 for vectors)."""
+        return self._event_ndims
+
+    @property
+    def factor_out(self) -> bool:
+        """Whether half the channels are factored out after every non-final scale."""
+        return self._factor_out
+
     def _batch(self, t, event_rank):
         return tf.shape(t)[: tf.rank(t) - event_rank]
 

@@ -43,7 +43,7 @@ import tensorflow as tf
 
 from tf_iresnet import datasets
 from tf_iresnet.export.checks import check_images, map_nonempty
-from tf_iresnet.lipschitz import converge_spectral_norms
+from tf_iresnet.lipschitz import converge_spectral_norms, folded_spectral_norms
 from tf_iresnet.models.classifier import IResNetClassifier
 
 __all__ = ["export_classifier", "classifier_endpoints"]
@@ -114,7 +114,9 @@ def export_classifier(model: IResNetClassifier, export_dir: str, *,
     spec = [tf.TensorSpec([None, *model.config.input_shape], tf.float32, name="images")]
     archive = keras.export.ExportArchive()
     archive.track(model)
-    for name, fn in classifier_endpoints(model).items():
-        archive.add_endpoint(name, tf.function(fn, autograph=False), input_signature=spec)
-    archive.write_out(export_dir, verbose=False)
+    # Normalized kernels folded into constants: no power iteration or sigma when serving.
+    with folded_spectral_norms(model):
+        for name, fn in classifier_endpoints(model).items():
+            archive.add_endpoint(name, tf.function(fn, autograph=False), input_signature=spec)
+        archive.write_out(export_dir, verbose=False)
     return export_dir

@@ -21,6 +21,9 @@ an inverse that did not converge to `EXPORT_INVERSE`'s tolerance.
 
 Before export the spectral-norm power iterations are converged, so the exported weights are
 the ones whose Lipschitz constants were measured, and ``decode(encode(x))`` reconstructs x.
+The normalized kernels ``W / max(1, sigma / c)`` are then folded into constants of the serving
+graphs (`tf_iresnet.lipschitz.folded_spectral_norms`): the endpoints run no power iteration and
+compute no sigma.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import tensorflow as tf
 
 from tf_iresnet.export.checks import check_images, check_vectors, map_nonempty
 from tf_iresnet.fixed_point import InverseConfig
-from tf_iresnet.lipschitz import converge_spectral_norms
+from tf_iresnet.lipschitz import converge_spectral_norms, folded_spectral_norms
 from tf_iresnet.models.density import IResNetFlow
 
 
@@ -106,13 +109,15 @@ def export_density_model(model: IResNetFlow, export_dir: str, *, converge: bool 
     z_spec = tf.TensorSpec([None, dim], tf.float32, name="z")
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("log_prob", tf.function(log_prob_fn), input_signature=[x_spec])
-    archive.add_endpoint("bits_per_dim", tf.function(bits_fn), input_signature=[x_spec])
-    archive.add_endpoint("encode", tf.function(encode_fn), input_signature=[x_spec])
-    archive.add_endpoint("decode", tf.function(decode_fn), input_signature=[z_spec])
-    archive.add_endpoint(
-        "sample", tf.function(sample_fn),
-        input_signature=[tf.TensorSpec([], tf.int32, name="n"),
-                         tf.TensorSpec([], tf.int32, name="seed")])
-    archive.write_out(export_dir, verbose=False)
+    # Normalized kernels folded into constants: no power iteration or sigma when serving.
+    with folded_spectral_norms(model):
+        archive.add_endpoint("log_prob", tf.function(log_prob_fn), input_signature=[x_spec])
+        archive.add_endpoint("bits_per_dim", tf.function(bits_fn), input_signature=[x_spec])
+        archive.add_endpoint("encode", tf.function(encode_fn), input_signature=[x_spec])
+        archive.add_endpoint("decode", tf.function(decode_fn), input_signature=[z_spec])
+        archive.add_endpoint(
+            "sample", tf.function(sample_fn),
+            input_signature=[tf.TensorSpec([], tf.int32, name="n"),
+                             tf.TensorSpec([], tf.int32, name="seed")])
+        archive.write_out(export_dir, verbose=False)
     return export_dir

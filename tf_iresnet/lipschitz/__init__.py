@@ -24,6 +24,7 @@ Internals: `operators` (the linear map and its adjoint), `solvers` (power iterat
 from tf_iresnet.lipschitz.layer import SpectralNormalization
 from tf_iresnet.lipschitz.model import (
     converge_spectral_norms,
+    folded_spectral_norms,
     lipschitz_report,
     spectral_norm_layers,
     update_spectral_norms,
@@ -32,6 +33,7 @@ from tf_iresnet.lipschitz.model import (
 __all__ = [
     "SpectralNormalization",
     "converge_spectral_norms",
+    "folded_spectral_norms",
     "lipschitz_report",
     "spectral_norm_layers",
     "update_spectral_norms",

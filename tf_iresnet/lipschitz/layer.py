@@ -5,7 +5,10 @@ Also the argument checks shared with the model-level helpers (`tf_iresnet.lipsch
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import keras
@@ -14,6 +17,43 @@ import tensorflow as tf
 from tf_iresnet.lipschitz.fft_bound import _conv2d_norm_upper_bound
 from tf_iresnet.lipschitz.operators import _bilinear, _OperatorSpec
 from tf_iresnet.lipschitz.solvers import _METHODS, _power_iteration, _solver
+
+# Per thread, a stack of {id(layer): constant kernel}: the folded kernels in force (see
+# `folded_kernels`).
+_FOLDED = threading.local()
+
+
+def _folded_kernel(layer) -> tf.Tensor | None:
+    for folded in reversed(getattr(_FOLDED, "stack", ())):
+        if id(layer) in folded:
+            return folded[id(layer)]
+    return None
+
+
+@contextlib.contextmanager
+def folded_kernels(layers: Iterable[SpectralNormalization]) -> Iterator[None]:
+    """Inside, each of ``layers`` computes with the constant ``W / max(1, sigma / coeff)``
+    of its current weights and u, v (computed once, on entry, eagerly).
+
+    Functions traced inside (e.g. the endpoints of a SavedModel export) then run no power
+    iteration and compute no sigma: the normalized kernels are constants of their graph, and
+    the outputs are those of the layers at entry (``training=True`` no longer updates u, v).
+    Not differentiable in the kernel. Exit restores the usual computation.
+    """
+    folded = {}
+    with tf.init_scope():  # eager constants even when entered while tracing
+        for layer in layers:
+            layer._check_built("folded_kernels")
+            folded[id(layer)] = tf.constant(layer.normalized_kernel().numpy())
+    stack = getattr(_FOLDED, "stack", None)
+    if stack is None:
+        stack = _FOLDED.stack = []
+    stack.append(folded)
+    try:
+        yield
+    finally:
+        stack.remove(folded)
+
 
 # Lanczos steps run when the layer is built, so that the state is a sensible estimate (and the
 # normalization active) from the first call, before any training step has updated it.
@@ -371,12 +411,14 @@ class SpectralNormalization(keras.layers.Layer):
                     f"its normalization bounds the convolution at that size only; got inputs "
                     f"of shape {tuple(inputs.shape)}."
                 )
-        kernel = self._kernel()
-        if training and self.power_iterations > 0:
-            u, v = self.power_iterate()
-        else:
-            u, v = self._state()
-        kernel = self._normalize_kernel(kernel, u, v)
+        kernel = _folded_kernel(self)
+        if kernel is None:
+            kernel = self._kernel()
+            if training and self.power_iterations > 0:
+                u, v = self.power_iterate()
+            else:
+                u, v = self._state()
+            kernel = self._normalize_kernel(kernel, u, v)
 
         compute_dtype = self.compute_dtype
         if inputs.dtype.is_floating and inputs.dtype != compute_dtype:

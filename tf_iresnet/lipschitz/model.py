@@ -13,6 +13,7 @@ from tf_iresnet.lipschitz.layer import (
     _check_method,
     _check_power_iterations,
     _check_tol,
+    folded_kernels,
 )
 
 _LOG = logging.getLogger(__name__)
@@ -54,6 +55,14 @@ def spectral_norm_layers(model: keras.layers.Layer) -> list[SpectralNormalizatio
       list of `SpectralNormalization` layers.
     """
     return [layer for layer in _walk(model) if isinstance(layer, SpectralNormalization)]
+
+
+def folded_spectral_norms(model: keras.layers.Layer):
+    """A context in which every `SpectralNormalization` of ``model`` computes with its
+    normalized kernel ``W / max(1, sigma / coeff)`` as a constant (`layer.folded_kernels`):
+    functions traced inside, such as a SavedModel's serving endpoints, run no power iteration
+    and compute no sigma. Converge the estimates first (`converge_spectral_norms`)."""
+    return folded_kernels(spectral_norm_layers(model))
 
 
 def update_spectral_norms(model: keras.layers.Layer, iterations: int | None = None) -> None:

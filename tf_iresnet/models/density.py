@@ -21,6 +21,8 @@ from tf_iresnet.bijectors import (
 )
 from tf_iresnet.bijectors.multiscale import MultiScale
 from tf_iresnet.datasets.core import bits_per_dim
+from tf_iresnet.fixed_point import InverseConfig
+from tf_iresnet.invertible_gradient import GRADIENT_MEMORY, forward_and_log_det
 from tf_iresnet.logdet import PROBES, LogDetConfig, stateless_seed
 from tf_iresnet.residual import conv_branch, dense_branch
 
@@ -54,10 +56,21 @@ class DensityConfig:
       logit_alpha: alpha of the logit preprocessing.
       prior: ``"learned"`` (diagonal Gaussian with trained mean and scale) or ``"fixed"`` N(0, I).
       logdet: training estimator (``"series"``, ``"unbiased"``, ``"exact"``).
-      n_terms, n_samples, n_exact_terms, neumann_gradient: training estimator settings.
+      n_terms, n_samples, n_exact_terms: training estimator settings.
+      neumann_gradient: the memory-saving Neumann-series gradient of Residual Flows (default;
+        the same expectation as the plain gradient of the estimate, see
+        ``tests/test_neumann_gradient.py``); False differentiates the estimate itself (the
+        reference code's gradient).
       recompute: recompute every residual block in the training step's backward pass instead
         of keeping its intermediates (gradient checkpointing; same values and gradients, less
         memory, more time: see ``benchmarks/README.md``).
+      gradient_memory: ``"stored"`` (the usual backward pass over the activations stored by
+        the forward pass) or ``"invertible"``: the training step's backward pass rebuilds
+        every step's input from its output (fixed-point inverse at ``reconstruction_tol``) and
+        recomputes it, so activation memory does not grow with depth
+        (`tf_iresnet.invertible_gradient`; one inverse and one more forward pass per block).
+      reconstruction_tol: atol and rtol of the fixed-point inverse of every block in the
+        ``"invertible"`` backward pass (a missed tolerance raises).
       probe: Hutchinson probe distribution of every estimate, ``"gaussian"`` or
         ``"rademacher"``.
       eval_logdet: estimator for evaluation and export (``"exact"`` for small events).
@@ -86,8 +99,10 @@ class DensityConfig:
     n_terms: int = 5
     n_samples: int = 1
     n_exact_terms: int = 2
-    neumann_gradient: bool = False
+    neumann_gradient: bool = True
     recompute: bool = False
+    gradient_memory: str = "stored"
+    reconstruction_tol: float = 1e-6
     probe: str = "gaussian"
     eval_logdet: str = "series"
     eval_n_terms: int = 20
@@ -112,6 +127,14 @@ class DensityConfig:
             raise ValueError(f"preprocessing must be center, logit or none: {self.preprocessing!r}")
         if self.probe not in PROBES:
             raise ValueError(f"probe must be one of {PROBES}, got {self.probe!r}.")
+        if self.gradient_memory not in GRADIENT_MEMORY:
+            raise ValueError(f"gradient_memory must be one of {GRADIENT_MEMORY}, got "
+                             f"{self.gradient_memory!r}.")
+        if self.gradient_memory == "invertible" and self.recompute:
+            raise ValueError("gradient_memory='invertible' already recomputes every block; "
+                             "use it with recompute=False.")
+        if not self.reconstruction_tol > 0.0:
+            raise ValueError(f"reconstruction_tol must be > 0, got {self.reconstruction_tol}.")
         if self.prior not in ("learned", "fixed"):
             raise ValueError(f"prior must be 'learned' or 'fixed', got {self.prior!r}.")
 
@@ -308,10 +331,18 @@ class IResNetFlow(keras.Model):
     def log_prob_parts(self, x: tf.Tensor, *, mode: str = "train",
                        seed=None) -> tuple[tf.Tensor, tf.Tensor]:
         """``(log p(z), log|det dz/dx|)`` per example, ``[B]`` each, in nats."""
+        c = self.config
+        if mode == "train" and c.gradient_memory == "invertible":
+            # Both passes of every block must draw the same probes: fix the seed here.
+            flow = self.bijector(mode=mode, seed=stateless_seed(seed))
+            tol = c.reconstruction_tol
+            z, logdet = forward_and_log_det(
+                flow, x, InverseConfig(atol=tol, rtol=tol, max_iter=300))
+            return self.prior().log_prob(z), logdet
         flow = self.bijector(mode=mode, seed=seed)
         z = flow.forward(x)
         return self.prior().log_prob(z), flow.forward_log_det_jacobian(
-            x, event_ndims=len(self.config.input_shape))
+            x, event_ndims=len(c.input_shape))
 
     def call(self, x, training=False):
         log_pz, logdet = self.log_prob_parts(x, mode="train" if training else "eval")

@@ -1,0 +1,117 @@
+"""The depth figures of issue #10: how the training step's peak memory grows with the number of
+blocks (``--depth_sweep``), the full-depth paper models (``--full_depth``), and the summary of
+every target figure against the reference's (``targets``).
+
+The points run the ``train`` phase, each in its own process (``spawn``, the driver's
+``benchmarks.run._spawn_phase``), so each peak resident memory (VmHWM) is its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from benchmarks.phases import BenchConfig
+
+# Blocks per scale of the depth sweep (bench_cifar_small widths), and its backward passes.
+DEPTHS = ((4, 4, 4), (16, 16, 16))
+DEPTH_MEMORY = ("invertible", "stored")
+# The full-depth paper models, trained with the depth-independent backward pass.
+FULL_DEPTH = ("mnist_density_paper", "cifar10_density_paper")
+
+# REFERENCE.md section 3: the official PyTorch code on 2 CPU cores, batch 64, float32.
+REFERENCE = {
+    "bench_cifar_small": {"train_img_per_s": 32.5, "inference_img_per_s": 670,
+                          "peak_rss_gb": 1.8},
+    "bench_mnist": {"train_img_per_s": 8.2, "inference_img_per_s": 171, "peak_rss_gb": 4.7},
+    "bench_cifar_width512_d1": {"train_img_per_s": 15.1, "inference_img_per_s": 452,
+                                "peak_rss_gb": 1.7},
+}
+# Issue #10's targets: training throughput (x reference), peak memory (x reference), encode
+# throughput (x reference), depth growth of the peak, full-depth peaks in GB.
+TARGETS = {"train_x": {"bench_cifar_small": 3.0, "bench_cifar_width512_d1": 3.0,
+                       "bench_mnist": 2.5},
+           "peak_memory_x": 0.7, "inference_x": 1.6, "depth_growth": 1.15,
+           "full_depth_peak_gb": {"mnist_density_paper": 4.0, "cifar10_density_paper": 6.0}}
+
+
+def depth_sweep(base: BenchConfig, spawn, log=None, depths=DEPTHS,
+                memories=DEPTH_MEMORY) -> list[dict]:
+    """One training-phase row per (backward pass, blocks per scale) of ``base``'s preset."""
+    rows = []
+    for memory in memories:
+        for blocks in depths:
+            cfg = dataclasses.replace(base, overrides={
+                **base.overrides, "blocks": list(blocks), "gradient_memory": memory})
+            if log:
+                log(f"[depth {base.preset}] blocks={blocks} gradient_memory={memory} ...")
+            result = spawn("train", cfg)
+            rows.append({"preset": base.preset, "blocks": list(blocks),
+                         "gradient_memory": memory, "batch_size": base.batch_size,
+                         "train_step_s": result["train_step_s"],
+                         "train_img_per_s": result["train_img_per_s"],
+                         "peak_rss_gb": result["train_peak_rss_gb"],
+                         "rss_before_gb": result["train_rss_before_gb"]})
+    return rows
+
+
+def depth_growth(rows: list[dict]) -> dict[str, float]:
+    """Per backward pass: peak memory at the deepest point over the shallowest one."""
+    out = {}
+    for memory in dict.fromkeys(r["gradient_memory"] for r in rows):
+        mine = sorted((r for r in rows if r["gradient_memory"] == memory),
+                      key=lambda r: sum(r["blocks"]))
+        out[memory] = mine[-1]["peak_rss_gb"] / mine[0]["peak_rss_gb"]
+    return out
+
+
+def full_depth(base: BenchConfig, spawn, log=None, presets=FULL_DEPTH) -> list[dict]:
+    """One training step (no warm-up) of each full-depth preset with the depth-independent
+    backward pass; ``base`` gives batch, XLA and any overrides."""
+    rows = []
+    for preset in presets:
+        cfg = dataclasses.replace(base, preset=preset, steps=1, warmup=0, overrides={
+            "gradient_memory": "invertible", **base.overrides})
+        if log:
+            log(f"[full depth] {preset} gradient_memory={cfg.overrides['gradient_memory']} ...")
+        result = spawn("train", cfg)
+        rows.append({"preset": preset, "gradient_memory": cfg.overrides["gradient_memory"],
+                     "batch_size": base.batch_size, "train_step_s": result["train_step_s"],
+                     "train_first_call_s": result["train_first_call_s"],
+                     "peak_rss_gb": result["train_peak_rss_gb"],
+                     "rss_before_gb": result["train_rss_before_gb"]})
+    return rows
+
+
+def targets(records: list[dict], depth_rows: list[dict], full_rows: list[dict]) -> dict:
+    """Every figure of issue #10's targets that was measured, with the reference's and the
+    target; ``met`` says whether it holds. Only XLA-off records of the bench presets count."""
+    out = {}
+    for r in records:
+        ref = REFERENCE.get(r["preset"])
+        if ref is None or r.get("settings", {}).get("xla"):
+            continue
+        figures = {}
+        if "train_img_per_s" in r:
+            x = r["train_img_per_s"] / ref["train_img_per_s"]
+            goal = TARGETS["train_x"][r["preset"]]
+            figures["train_x"] = {"value": x, "target": f">= {goal}", "met": x >= goal}
+        if "train" in r.get("phase_peak_rss_gb", {}):
+            x = r["phase_peak_rss_gb"]["train"] / ref["peak_rss_gb"]
+            goal = TARGETS["peak_memory_x"]
+            figures["peak_memory_x"] = {"value": x, "target": f"<= {goal}", "met": x <= goal}
+        if "inference_img_per_s" in r:
+            x = r["inference_img_per_s"] / ref["inference_img_per_s"]
+            goal = TARGETS["inference_x"]
+            figures["inference_x"] = {"value": x, "target": f">= {goal}", "met": x >= goal}
+        out[r["preset"]] = figures
+    if depth_rows:
+        goal = TARGETS["depth_growth"]
+        out["depth_growth"] = {m: {"value": g, "target": f"<= {goal}", "met": g <= goal}
+                               for m, g in depth_growth(depth_rows).items()}
+    for r in full_rows:
+        goal = TARGETS["full_depth_peak_gb"].get(r["preset"])
+        if goal is not None:
+            out.setdefault("full_depth_peak_gb", {})[r["preset"]] = {
+                "value": r["peak_rss_gb"], "target": f"<= {goal}",
+                "met": r["peak_rss_gb"] <= goal}
+    return out
