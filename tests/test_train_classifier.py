@@ -55,7 +55,7 @@ def test_end_to_end_then_resume_and_export(tmp_path, capsys):
     assert {"accuracy", "loss", "xent", "reconstruction_max_abs_error", "lipschitz_layer_max",
             "lipschitz_block_max", "images/inputs", "images/reconstructions"} <= eval_tags
     assert any(t.startswith("lipschitz/") for t in eval_tags)
-    assert any(t.startswith("lipschitz_block/block_") for t in eval_tags)
+    assert any(t.startswith("lipschitz_block/branch_") for t in eval_tags)
     first = tf.train.load_checkpoint(tf.train.latest_checkpoint(cfg.model_dir))
     # The non-trainable state is checkpointed too: ActNorm's flags, power-iteration vectors.
     # (Trainable weights may be saved under the optimizer's path to them instead.)
