@@ -211,32 +211,50 @@ def test_tfds_path_under_mock_data(tmp_path):
     assert np.isfinite(results["test_bits_per_dim"])
 
 
-def test_kill_and_restart_resumes(tmp_path):
-    model_dir = str(tmp_path / "run")
-    args = ["--dataset=moons", "--preset=toy2d_density", f"--model_dir={model_dir}",
-            "--export_dir=", "--batch_size=16", "--checkpoint_every=2", "--eval_every=0",
-            "--log_every=1", "--nojit_compile", "--eval_examples=32"]
-    proc = subprocess.Popen([sys.executable, "-m", "train.density", *args,
-                             "--train_steps=100000"], cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _checkpoint_tensors(model_dir):
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(model_dir))
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if not k.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))}
+
+
+def test_killed_runs_resume_bit_identically(tmp_path):
+    """A run SIGKILLed inside a checkpoint write and again mid-training, restarted with the
+    same command until done, ends with the weights and optimizer state of an uninterrupted
+    run, bit for bit (the data of step k depends on (seed, k) only)."""
+    def args(model_dir):
+        return ["--dataset=moons", "--preset=toy2d_density", f"--model_dir={model_dir}",
+                "--export_dir=", "--batch_size=16", "--checkpoint_every=3", "--eval_every=0",
+                "--log_every=1", "--nojit_compile", "--eval_examples=32", "--train_steps=12"]
+
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    assert _run_binary(args(whole)).returncode == 0
+    faults = os.path.join(REPO, "tests", "_faults.py")
+    # 1. Killed between writing ckpt-6's shards and merging them into place.
+    proc = subprocess.run([sys.executable, faults, "train.density", *args(killed)], cwd=REPO,
+                          env=_env(KILL_IN_SAVE="6"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert tf.train.latest_checkpoint(killed).endswith("ckpt-3")
+    assert glob.glob(os.path.join(killed, "ckpt-6_temp*"))
+    # 2. Restarted, then killed mid-training once ckpt-6 exists.
+    proc = subprocess.Popen([sys.executable, "-m", "train.density", *args(killed)], cwd=REPO,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and not glob.glob(os.path.join(model_dir, "ckpt-4.index")):
-            time.sleep(0.5)
-        assert glob.glob(os.path.join(model_dir, "ckpt-4.index")), "no checkpoint written"
+        while time.time() < deadline and proc.poll() is None and not glob.glob(
+                os.path.join(killed, "ckpt-6.index")):
+            time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    saved = int(tf.train.latest_checkpoint(model_dir).rsplit("-", 1)[1])
-    assert saved >= 4
-    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(model_dir))
-    restart = _run_binary([*args, f"--train_steps={saved + 2}"])
+    # 3. Restarted until done: the stale lock and temp directory are taken over / removed.
+    restart = _run_binary(args(killed))
     assert restart.returncode == 0, restart.stderr[-3000:]
-    assert f"Training steps {saved} -> {saved + 2}" in restart.stdout
-    assert tf.train.latest_checkpoint(model_dir).endswith(f"ckpt-{saved + 2}")
-    after = tf.train.load_checkpoint(tf.train.latest_checkpoint(model_dir))
-    key = next(k for k in reader.get_variable_to_shape_map() if "iterations" in k)
-    assert after.get_tensor(key) == reader.get_tensor(key) + 2
+    assert not glob.glob(os.path.join(killed, "ckpt-*_temp*"))
+    expected, got = _checkpoint_tensors(whole), _checkpoint_tensors(killed)
+    assert expected.keys() == got.keys()
+    different = [k for k in expected if not np.array_equal(expected[k], got[k])]
+    assert not different, different
 
 
 def _free_port():
