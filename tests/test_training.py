@@ -11,6 +11,8 @@ import dataclasses
 import glob
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,14 +28,19 @@ import tensorflow as tf
 from tf_iresnet.training import (
     CheckpointError,
     CheckpointState,
+    NonFiniteLossError,
+    RunDirError,
+    RunLock,
     Trainer,
     WarmupSchedule,
+    check_output_dirs,
     image_summary,
     is_chief,
     make_image_grid,
     make_strategy,
     read_config,
     save_image_grid,
+    swap_in_directory,
     write_config,
 )
 
@@ -392,7 +399,8 @@ def test_trainer_checks_its_inputs(tmp_path):
         loss, metrics = _workers.step_fn(model, batch, step)
         return loss * np.nan, metrics
 
-    with pytest.raises(FloatingPointError, match="step 2"):
+    # The first non-finite step is named, although the loss is only checked at step 2.
+    with pytest.raises(FloatingPointError, match="at step 1;"):
         make_trainer(mirrored, tmp_path / "b", 4, log_every=2, train_step_fn=nan_loss).train(
             dataset()
         )
@@ -437,28 +445,163 @@ def test_checkpoint_state_save_and_restore(tmp_path):
     np.testing.assert_array_equal(model2.weights[0].numpy(), np.ones([4, 1]))
 
 
-@pytest.mark.parametrize("damage", ["truncate_index", "overwrite_data", "truncate_data"])
-def test_corrupt_checkpoint_raises_clear_error(tmp_path, damage):
+def _damage(model_dir, number, damage):
+    """Damages checkpoint `number` of `model_dir` as a crash, a full disk or a user would."""
+    prefix = os.path.join(model_dir, f"ckpt-{number}")
+    (data,) = glob.glob(prefix + ".data-*")
+    if damage == "truncate_data":
+        with open(data, "r+b") as f:
+            f.truncate(os.path.getsize(data) // 2)
+    elif damage == "flip_data":
+        with open(data, "r+b") as f:
+            f.seek(os.path.getsize(data) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0x10]))
+    elif damage == "truncate_index":
+        with open(prefix + ".index", "r+b") as f:
+            f.truncate(os.path.getsize(prefix + ".index") // 2)
+    elif damage == "delete_index":
+        os.remove(prefix + ".index")
+    elif damage == "garble_checkpoint_file":
+        with open(os.path.join(model_dir, "checkpoint"), "wb") as f:
+            f.write(bytes(range(256)) * 4)
+    return prefix
+
+
+DAMAGES = ["truncate_data", "flip_data", "truncate_index", "delete_index",
+           "garble_checkpoint_file"]
+
+
+def test_unusable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    """Each of the five damages: resume from the previous checkpoint with a warning naming the
+    bad files, which are kept (set aside, never deleted); the run then goes on saving."""
     strategy = make_strategy("default")
-    make_trainer(strategy, tmp_path, 4).train(dataset())
-    prefix = str(tmp_path / "ckpt-4")
-    if damage == "truncate_index":
-        path = prefix + ".index"
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 2)
-    else:
-        (path,) = glob.glob(prefix + ".data-*")
-        size = os.path.getsize(path)
-        with open(path, "r+b") as f:
-            if damage == "overwrite_data":
-                f.write(b"\xff" * size)
-            else:
-                f.truncate(size // 2)
-    with pytest.raises(CheckpointError, match="corrupt or unreadable") as info:
+    base = tmp_path / "base"
+    make_trainer(strategy, base, 6, checkpoint_every=2).train(dataset())
+    for damage in DAMAGES:
+        model_dir = str(tmp_path / damage)
+        shutil.copytree(base, model_dir)
+        files = sorted(os.listdir(model_dir))
+        prefix = _damage(model_dir, 6, damage)
+        caplog.clear()
+        trainer = make_trainer(strategy, model_dir, 8, checkpoint_every=2)
+        with caplog.at_level("WARNING"):
+            assert trainer.restore() == (6 if damage == "garble_checkpoint_file" else 4), damage
+        warnings = " ".join(r.getMessage() for r in caplog.records)
+        if damage == "garble_checkpoint_file":
+            assert "checkpoint index file" in warnings and "unreadable" in warnings
+            continue
+        assert prefix in warnings and "unusable" in warnings, (damage, warnings)
+        kept = os.listdir(os.path.join(model_dir, "unusable_checkpoints"))
+        assert {f for f in files if f.startswith("ckpt-6.")} - ({"ckpt-6.index"} if
+                                                              damage == "delete_index" else
+                                                              set()) == set(kept), damage
+        trainer.train(dataset())  # saves ckpt-6 and ckpt-8 anew next to the set-aside files
+        assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-8")
+        assert make_trainer(strategy, model_dir, 8).restore() == 8
+
+
+def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
+    strategy = make_strategy("default")
+    make_trainer(strategy, tmp_path, 4, checkpoint_every=2).train(dataset())
+    for number in (2, 4):
+        _damage(str(tmp_path), number, "truncate_data")
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(CheckpointError, match="No checkpoint .* can be restored") as info:
         make_trainer(strategy, tmp_path, 8).restore()
+    assert str(tmp_path / "ckpt-2.data") in str(info.value)
+    assert "Move these files" in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == before  # nothing moved or deleted
+
+    # Every checkpoint file gone but the index file kept: loud, not a silent restart.
+    for path in glob.glob(str(tmp_path / "ckpt-*")):
+        os.remove(path)
+    with pytest.raises(CheckpointError, match="none of their files exist") as info:
+        make_trainer(strategy, tmp_path, 8).restore()
+    assert "restart from step 0" in str(info.value)
+
+
+def test_stale_temp_dir_of_a_killed_save_is_removed(tmp_path):
+    strategy = make_strategy("default")
+    make_trainer(strategy, tmp_path, 2, checkpoint_every=2).train(dataset())
+    os.makedirs(tmp_path / "ckpt-4_temp")
+    (tmp_path / "ckpt-4_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"x")
+    assert make_trainer(strategy, tmp_path, 4).restore() == 2
+    assert not os.path.exists(tmp_path / "ckpt-4_temp")
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+    """A huge learning rate: the run stops at the first log after the loss turns non-finite,
+    names the step and the newest checkpoint (finite), and a rerun with a sane rate goes on."""
+    strategy = make_strategy("default")
+
+    def make(lr, steps):
+        # A schedule, as in the binaries: a float rate would be restored from the checkpoint.
+        model, optimizer = _workers.make_model_and_optimizer(
+            strategy, learning_rate=WarmupSchedule(lr, 0))
+        return Trainer(strategy=strategy, model=model, optimizer=optimizer,
+                       train_step_fn=_workers.step_fn, model_dir=str(tmp_path),
+                       total_steps=steps, log_every=50, checkpoint_every=2, progress=False)
+
+    make(0.05, 2).train(dataset())
+    with pytest.raises(NonFiniteLossError, match=r"not finite .* at step (\d+)") as info:
+        make(1e20, 200).train(dataset())
     message = str(info.value)
-    assert prefix + ".index" in message and "Delete these files" in message
-    assert "fresh --model_dir" in message
+    latest = tf.train.latest_checkpoint(str(tmp_path))
+    assert latest in message and "left intact" in message
+    reader = tf.train.load_checkpoint(latest)
+    for name in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(name)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            assert np.isfinite(value).all(), name
+    bad_step = int(re.search(r"at step (\d+)", message).group(1))
+    assert int(latest.rsplit("-", 1)[1]) < bad_step
+    trainer = make(0.01, 8)
+    assert trainer.restore() == int(latest.rsplit("-", 1)[1])
+    trainer.train(dataset())
+    assert trainer.step == 8 and all(np.isfinite(v).all() for v in values(trainer.model.weights))
+
+
+def test_run_lock_refuses_a_second_process_and_takes_over_a_dead_ones(tmp_path, caplog):
+    with RunLock(str(tmp_path)):
+        with pytest.raises(RunDirError, match=f"in use by process {os.getpid()} on host "
+                                              f"{socket.gethostname()}"):
+            RunLock(str(tmp_path)).acquire()
+    assert not os.path.exists(tmp_path / "LOCK")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / "LOCK").write_text(json.dumps({"pid": int(dead), "host": socket.gethostname()}))
+    with caplog.at_level("WARNING"):
+        lock = RunLock(str(tmp_path)).acquire()
+    assert f"of process {dead}" in caplog.text and "no longer runs" in caplog.text
+    lock.release()
+
+
+def test_output_dirs_are_checked_and_writes_are_atomic(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError, match="model_dir .*is a file"):
+        check_output_dirs(str(tmp_path / "file"))
+    with pytest.raises(RunDirError, match="export_dir .*is a file"):
+        check_output_dirs(str(tmp_path / "run"), str(tmp_path / "file"))
+    with pytest.raises(RunDirError, match="cannot be created"):
+        check_output_dirs(str(tmp_path / "file" / "sub"))
+    check_output_dirs(str(tmp_path / "run"), str(tmp_path / "out" / "export"))
+    assert os.listdir(tmp_path / "run") == []
+
+    # An export that fails half-way leaves the previous one as it was.
+    dest = str(tmp_path / "export")
+    swap_in_directory(dest, lambda d: (os.makedirs(d), open(os.path.join(d, "v1"), "w")))
+    def broken(d):
+        os.makedirs(d)
+        open(os.path.join(d, "partial"), "w").close()
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        swap_in_directory(dest, broken)
+    assert sorted(os.listdir(tmp_path)) == ["export", "file", "out", "run"]
+    assert os.listdir(dest) == ["v1"]
+    swap_in_directory(dest, lambda d: (os.makedirs(d), open(os.path.join(d, "v2"), "w")))
+    assert os.listdir(dest) == ["v2"]
 
 
 def test_checkpoint_of_another_model_raises_clear_error(tmp_path):
@@ -479,12 +622,12 @@ def test_checkpoint_of_another_model_raises_clear_error(tmp_path):
         assert str(tmp_path / "ckpt-2") in str(info.value)
 
 
-def test_missing_checkpoint_index_file_raises(tmp_path):
+def test_missing_checkpoint_index_file_resumes_from_the_files(tmp_path, caplog):
     strategy = make_strategy("default")
-    make_trainer(strategy, tmp_path, 2).train(dataset())
+    make_trainer(strategy, tmp_path, 4, checkpoint_every=2).train(dataset())
     os.remove(tmp_path / "checkpoint")
-    with pytest.raises(CheckpointError, match="index file"):
-        make_trainer(strategy, tmp_path, 4).restore()
+    assert make_trainer(strategy, tmp_path, 4).restore() == 4
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-4")  # index rewritten
 
 
 def test_kill_and_restart_resumes_from_saved_step(tmp_path):

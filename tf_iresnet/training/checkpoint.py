@@ -129,6 +129,8 @@ class CheckpointState:
         self._remove_stale_temp_dirs()
         listed, index_problem = self._listed_checkpoints()
         on_disk = self._checkpoints_on_disk()
+        if listed is None and index_problem is None and on_disk:
+            index_problem = f"The checkpoint index file {self._index_file} is missing"
         if index_problem:
             logging.warning("%s; using the checkpoint files found in %s instead.",
                             index_problem, self.model_dir)
@@ -275,8 +277,8 @@ class CheckpointState:
         if not numbers:
             return
         paths = [self._prefix(n) for n in numbers]
-        tf.train.update_checkpoint_state(self.model_dir, paths[-1],
-                                         all_model_checkpoint_paths=paths)
+        tf.compat.v1.train.update_checkpoint_state(self.model_dir, paths[-1],
+                                                   all_model_checkpoint_paths=paths)
         self._manager = self._make_manager()
 
     def _make_manager(self) -> tf.train.CheckpointManager:
