@@ -4,11 +4,13 @@ only have to exist, be finite and positive)."""
 import math
 
 import numpy as np
+import pytest
 from _bench import positive, tiny
 
 from benchmarks.phases import PHASES, SOLVERS, run_phase
 
 
+@pytest.mark.slow  # over the CI time budget: `make test-slow`
 def test_every_phase_in_process():
     cfg = tiny()
     record = {}

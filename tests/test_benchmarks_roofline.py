@@ -26,14 +26,14 @@ def test_roofline_counts_the_flops_of_the_graph(n_terms):
     from tf_iresnet import presets
 
     cfg = BenchConfig(preset="bench_cifar_small", batch_size=4, steps=1, warmup=1,
-                          overrides={**TINY, "n_terms": n_terms})
+                          overrides={**TINY, "n_terms": n_terms, "neumann_gradient": False})
     record = run_phase("roofline", cfg)["roofline"]
     model = presets.build("bench_cifar_small", blocks=(1, 1, 1), hidden_channels=4)
     per_pass = _forward_conv_flops(model, 4)
     # encode: every convolution once on the batch, plus once on the batch-1 power-iteration
     # vector v of its spectral norm (sigma = <u, A v>).
     assert record["inference"]["gflop"] == pytest.approx(per_pass * 5 / 4, rel=1e-9)
-    # The step: forward 1, n vector-Jacobian products, their backward 2 each, the forward's
+    # The step (plain series gradient): forward 1, n vector-Jacobian products, their backward 2 each, the forward's
     # backward 2: 3 + 3n passes (a little less: nothing needs the gradient of the probe).
     # Counting dead ops too (the filter gradients a tape builds for each product) gives ~2x.
     passes = record["train_step"]["gflop"] / per_pass

@@ -23,7 +23,9 @@ def test_main_prints_one_json_record_per_preset(tmp_path, capsys):
         "--phases=inference", "--threads=1,1", f"--output={out}",
         *[f"--override={k}={json.dumps(v)}" for k, v in TINY.items()]])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
-    assert len(records) == 1 and lines == records
+    # One record per preset, then the figures against the reference's targets.
+    assert len(records) == 1 and lines[:-1] == records and set(lines[-1]) == {"targets"}
+    assert "inference_x" in lines[-1]["targets"]["bench_cifar_small"]
     record = records[0]
     assert record["preset"] == "bench_cifar_small"
     assert positive(record["inference_img_per_s"]) and positive(record["peak_rss_gb"])
@@ -62,7 +64,7 @@ def _benchmarks_imports(name: str) -> set[str]:
 def test_modules_import_no_cycle_and_the_driver_no_tensorflow():
     # run imports the others; measure imports none; no module imports run; no cycle.
     graph = {name: _benchmarks_imports(name)
-             for name in ("measure", "phases", "roofline", "sweep", "chart", "run")}
+             for name in ("measure", "phases", "roofline", "sweep", "chart", "depth", "run")}
     assert graph["measure"] == set() and graph["chart"] == set()
     assert graph["roofline"] == {"measure", "phases"}
     assert {"phases", "roofline", "sweep", "chart"} <= graph["run"]

@@ -212,7 +212,9 @@ def _autodiff_logdet(bij, x, event_ndims):
     return tf.linalg.slogdet(tf.reshape(jac, [-1, d, d]))[1].numpy()
 
 
-@pytest.mark.parametrize("name", [n for n in IDS if CASES[n].logdet and CASES[n].bijective])
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n == "block_dense_unbiased" else n  # 256 draws
+    for n in IDS if CASES[n].logdet and CASES[n].bijective])
 def test_fldj_matches_the_autodiff_jacobian(name):
     case = CASES[name]
     bij = case.make(False)

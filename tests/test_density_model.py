@@ -124,6 +124,7 @@ def test_bits_per_dim():
     np.testing.assert_allclose(model.bits_per_dim(lp).numpy(), expected, rtol=1e-6)
 
 
+@pytest.mark.slow  # over the CI time budget: `make test-slow`
 @pytest.mark.parametrize("name, official", [
     ("cifar10_density_paper", 25_028_544),  # the official code's CIFAR10 density model
     ("bench_cifar_small", 0.98e6),  # REFERENCE.md, section 2 (given to two digits)

@@ -49,7 +49,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])  # traced: slow
 def test_gradients_equal_the_stored_backward_pass(estimator, compiled):
     stored, x = _model(**ESTIMATORS[estimator])
     invertible, _ = _model(**ESTIMATORS[estimator], gradient_memory="invertible")

@@ -199,6 +199,7 @@ def test_runs_on_strategies(dataset, strategy, tmp_path):
     np.testing.assert_allclose(loaded.decode(loaded.encode(x)).numpy(), x.numpy(), atol=1e-4)
 
 
+@pytest.mark.slow  # over the CI time budget: `make test-slow`
 def test_tfds_path_under_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
@@ -263,6 +264,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # over the CI time budget: `make test-slow`
 def test_multi_worker_mirrored_two_processes(tmp_path):
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -313,6 +315,7 @@ def test_bad_flags_are_refused(args, message):
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow  # over the CI time budget: `make test-slow`
 def test_recompute_trains_identically_under_mirrored_xla(tmp_path):
     # Gradient checkpointing changes where the block is computed, not what: the same losses,
     # with the train step XLA-compiled on two replicas.
