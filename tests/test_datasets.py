@@ -170,6 +170,31 @@ def test_augment_is_a_noop_for_digits():
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def _assert_resumes(load, starts=(1, 3, 7), n=4):
+    """Batch k of `load(s)` must equal batch s + k of `load(0)`, bit for bit (x and labels)."""
+    def batches(start, count):
+        return [b if isinstance(b, tuple) else (b,) for b in _take(load(start), count)]
+
+    stream = batches(0, max(starts) + n)
+    assert not np.array_equal(stream[0][0], stream[n][0])  # else the check below is void
+    for s in starts:
+        for k, batch in enumerate(batches(s, n)):
+            for got, want in zip(batch, stream[s + k], strict=True):
+                np.testing.assert_array_equal(got, want, err_msg=f"start_step={s}, batch {k}")
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),  # dequantized, shuffled: a pass is 30 examples, so batches straddle passes
+    dict(with_labels=True, dequantize=False),
+])
+def test_start_step_resumes_the_digits_stream(kw):
+    def load(start):
+        return datasets.load("digits", batch_size=8, num_examples=30, seed=4, start_step=start,
+                             **kw)
+
+    _assert_resumes(load)
+
+
 # ----------------------------------------------------------------------------- toy 2-D
 
 
@@ -221,6 +246,12 @@ def test_toy_finite_train_sample_and_helper():
         datasets.sample_toy2d("moon", 10, seed=0)
     with pytest.raises(ValueError, match="positive"):
         datasets.sample_toy2d("moons", 0, seed=0)
+
+
+@pytest.mark.parametrize("num_examples", [None, 20])  # the infinite stream, a finite sample
+def test_start_step_resumes_the_toy_stream(num_examples):
+    _assert_resumes(lambda start: datasets.load(
+        "moons", batch_size=8, seed=2, num_examples=num_examples, start_step=start))
 
 
 # ----------------------------------------------------------------------------- tfds (mocked)
@@ -275,6 +306,14 @@ def test_augmentation_changes_images_keeps_shape_and_range(mock_tfds, name):
     np.testing.assert_allclose(levels, np.rint(levels), atol=1e-3)
     again, _ = next(iter(datasets.load(name, augment=True, **kw)))
     np.testing.assert_array_equal(aug, again.numpy())  # deterministic given the seed
+
+
+def test_start_step_resumes_augmented_cifar10(mock_tfds):
+    # 6 mock examples, batches of 4: every batch after the first straddles two passes, each
+    # with its own shuffle and its own crops and flips.
+    _assert_resumes(lambda start: datasets.load(
+        "cifar10", batch_size=4, with_labels=True, augment=True, seed=3, data_dir=mock_tfds,
+        start_step=start))
 
 
 def test_celeb_a_centre_crop_resize():
