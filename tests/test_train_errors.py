@@ -5,13 +5,13 @@ import glob
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import tensorflow as tf
+from _cluster import start_workers
 
 from tf_iresnet import datasets
 from tf_iresnet.tasks import common
@@ -128,36 +128,12 @@ def test_binaries_print_one_line_and_exit_1(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "config.json")  # nothing written
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_workers(tmp_path, ports, train_steps, tag):
-    # One model_dir for both, as on a shared file system: every worker restores from it.
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "train.density", "--dataset=moons", "--preset=toy2d_density",
-             f"--model_dir={tmp_path / 'run'}", "--export_dir=", "--batch_size=16",
-             f"--train_steps={train_steps}", "--eval_every=0", "--checkpoint_every=2",
-             "--nojit_compile", "--strategy=multi_worker_mirrored", "--eval_examples=32",
-             "--log_every=1", "--n_terms=1"],
-            cwd=REPO, env=_env(TF_CONFIG=tf_config),
-            stdout=open(tmp_path / f"{tag}_out{index}", "w"),
-            stderr=open(tmp_path / f"{tag}_err{index}", "w")))
-    return procs
-
-
 @pytest.mark.slow
 def test_lost_worker_is_named_and_restart_resumes(tmp_path):
     """Kill the chief of a two-worker run after a checkpoint: the other worker stops with one
     line naming it; restarting both resumes from the chief's newest checkpoint."""
-    ports = [_free_port(), _free_port()]
-    procs = _start_workers(tmp_path, ports, 100_000, "first")
+    procs, ports = start_workers(tmp_path / "run", ["--train_steps=100000", "--n_terms=1"],
+                                 tmp_path, "first")
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not glob.glob(str(tmp_path / "run" / "ckpt-4.index")):
@@ -183,8 +159,8 @@ def test_lost_worker_is_named_and_restart_resumes(tmp_path):
     print(f"worker 1 stopped {lost_after:.1f} s after the chief was killed")
 
     saved = int(tf.train.latest_checkpoint(str(tmp_path / "run")).rsplit("-", 1)[1])
-    ports = [_free_port(), _free_port()]
-    procs = _start_workers(tmp_path, ports, saved + 2, "again")  # both resume at `saved`
+    procs, _ = start_workers(tmp_path / "run", [f"--train_steps={saved + 2}", "--n_terms=1"],
+                             tmp_path, "again")  # both resume at `saved`
     for index, p in enumerate(procs):
         assert p.wait(timeout=300) == 0, (tmp_path / f"again_err{index}").read_text()[-3000:]
     out = (tmp_path / "again_out0").read_text() + (tmp_path / "again_err0").read_text()

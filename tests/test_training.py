@@ -511,7 +511,7 @@ def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="No checkpoint .* can be restored") as info:
         make_trainer(strategy, tmp_path, 8).restore()
     assert str(tmp_path / "ckpt-2.data") in str(info.value)
-    assert "Move these files" in str(info.value)
+    assert "move these files" in str(info.value)
     assert sorted(os.listdir(tmp_path)) == before  # nothing moved or deleted
 
     # Every checkpoint file gone but the index file kept: loud, not a silent restart.
@@ -520,6 +520,64 @@ def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="none of their files exist") as info:
         make_trainer(strategy, tmp_path, 8).restore()
     assert "restart from step 0" in str(info.value)
+
+
+def test_checkpoint_advice_works_when_followed(tmp_path, caplog):
+    """Each checkpoint message's advice, carried out literally, lets the run go on."""
+    strategy = make_strategy("default")
+    base = tmp_path / "base"
+    make_trainer(strategy, base, 4, checkpoint_every=2).train(dataset())
+
+    # Only the newest .index deleted: the warning blames that file, not the index file.
+    model_dir = tmp_path / "no_index"
+    shutil.copytree(base, model_dir)
+    _damage(str(model_dir), 4, "delete_index")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert make_trainer(strategy, model_dir, 4).restore() == 2
+    warnings = " ".join(r.getMessage() for r in caplog.records)
+    assert str(model_dir / "ckpt-4.index") + " is missing" in warnings
+    assert "checkpoint index file" not in warnings
+
+    # "No checkpoint can be restored ... move these files (and the index file) out of the directory": do that.
+    model_dir = tmp_path / "all_bad"
+    shutil.copytree(base, model_dir)
+    for number in (2, 4):
+        _damage(str(model_dir), number, "truncate_data")
+    with pytest.raises(CheckpointError, match="move these files") as info:
+        make_trainer(strategy, model_dir, 4).restore()
+    named = ", ".join(re.findall(r"files: ([^;)]*)", str(info.value))).split(", ")
+    named.append(re.search(r"and the index file (\S+) out of", str(info.value)).group(1))
+    moved_out = tmp_path / "kept"
+    os.makedirs(moved_out)
+    for path in named:
+        shutil.move(path, moved_out)
+    trainer = make_trainer(strategy, model_dir, 4, checkpoint_every=2)
+    assert trainer.restore() == 0  # from scratch, no "stray files" error
+    trainer.train(dataset())
+    assert make_trainer(strategy, model_dir, 4).restore() == 4
+
+    # Every checkpoint file gone, the index file kept: "... or delete <index file> to really
+    # start from scratch".
+    model_dir = tmp_path / "index_only"
+    shutil.copytree(base, model_dir)
+    for path in glob.glob(str(model_dir / "ckpt-*")):
+        os.remove(path)
+    with pytest.raises(CheckpointError, match="delete (\\S+) to really start") as info:
+        make_trainer(strategy, model_dir, 4).restore()
+    os.remove(re.search(r"delete (\S+) to really start", str(info.value)).group(1))
+    assert make_trainer(strategy, model_dir, 4).restore() == 0
+
+    # Another model's checkpoint: "Nothing was changed in <model_dir>" holds.
+    model_dir = tmp_path / "other_model"
+    shutil.copytree(base, model_dir)
+    before = {p: os.path.getmtime(p) for p in glob.glob(str(model_dir / "*"))}
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    other = Trainer(strategy=strategy, model=model, optimizer=keras.optimizers.Adam(),
+                    train_step_fn=_workers.step_fn, model_dir=str(model_dir), total_steps=4)
+    with pytest.raises(CheckpointError, match="Nothing was changed"):
+        other.restore()
+    assert {p: os.path.getmtime(p) for p in glob.glob(str(model_dir / "*"))} == before
 
 
 def test_stale_temp_dir_of_a_killed_save_is_removed(tmp_path):

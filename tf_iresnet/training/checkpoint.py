@@ -162,9 +162,12 @@ class CheckpointState:
             tried = "; ".join(f"{self._prefix(n)} ({p}; files: {', '.join(f) or 'none'})"
                               for n, (f, p) in unusable.items())
             raise CheckpointError(
-                f"No checkpoint in {self.model_dir} can be restored: {tried}. Move these files "
-                "out of the directory (keep them if they matter) to start from scratch, or "
-                "train with a fresh --model_dir."
+                f"No checkpoint in {self.model_dir} can be restored: {tried}. To start from "
+                "scratch, move these files"
+                + (f" and the index file {self._index_file}"
+                   if tf.io.gfile.exists(self._index_file) else "")
+                + " out of the directory (keep them if they matter), or train with a fresh "
+                "--model_dir."
             )
         if unusable:
             moved = self._set_aside(unusable, on_disk)
