@@ -260,7 +260,7 @@ def test_killed_runs_resume_bit_identically(tmp_path):
     assert not different, different
 
 
-def test_resume_under_mirrored_matches_an_uninterrupted_run(tmp_path):
+def test_resume_under_mirrored_matches_an_uninterrupted_run(tmp_path, capsys):
     """Two replicas: a run that lost everything after ckpt-3 and was restarted ends within
     float round-off of the uninterrupted run (each replica's dequantization noise and probes
     depend on (seed, step, replica) only)."""
@@ -274,9 +274,11 @@ def test_resume_under_mirrored_matches_an_uninterrupted_run(tmp_path):
     for path in glob.glob(os.path.join(resumed, "ckpt-6.*")) + [
             os.path.join(resumed, "results.json")]:
         os.remove(path)
-    tf.train.update_checkpoint_state(resumed, os.path.join(resumed, "ckpt-3"),
-                                     all_model_checkpoint_paths=[os.path.join(resumed, "ckpt-3")])
+    with open(os.path.join(resumed, "checkpoint"), "w") as f:  # as it was after ckpt-3
+        f.write('model_checkpoint_path: "ckpt-3"\nall_model_checkpoint_paths: "ckpt-3"\n')
+    capsys.readouterr()
     assert train_density(dataclasses.replace(cfg, model_dir=resumed))["step"] == 6
+    assert "Training steps 3 -> 6" in capsys.readouterr().out
     expected, got = _checkpoint_tensors(cfg.model_dir), _checkpoint_tensors(resumed)
     assert tf.train.latest_checkpoint(resumed).endswith("ckpt-6")
     assert expected.keys() == got.keys()
