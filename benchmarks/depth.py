@@ -50,7 +50,9 @@ def depth_sweep(base: BenchConfig, spawn, log=None, depths=DEPTHS,
                          "train_step_s": result["train_step_s"],
                          "train_img_per_s": result["train_img_per_s"],
                          "peak_rss_gb": result["train_peak_rss_gb"],
-                         "rss_before_gb": result["train_rss_before_gb"]})
+                         "rss_before_gb": result["train_rss_before_gb"],
+                         "rss_after_gb": result["train_rss_after_gb"],
+                         "live_tensor_peak_gb": result["train_live_tensor_peak_gb"]})
     return rows
 
 
@@ -78,7 +80,9 @@ def full_depth(base: BenchConfig, spawn, log=None, presets=FULL_DEPTH) -> list[d
                      "batch_size": base.batch_size, "train_step_s": result["train_step_s"],
                      "train_first_call_s": result["train_first_call_s"],
                      "peak_rss_gb": result["train_peak_rss_gb"],
-                     "rss_before_gb": result["train_rss_before_gb"]})
+                     "rss_before_gb": result["train_rss_before_gb"],
+                     "rss_after_gb": result["train_rss_after_gb"],
+                     "live_tensor_peak_gb": result["train_live_tensor_peak_gb"]})
     return rows
 
 

@@ -22,7 +22,6 @@ one JSON object with every figure; a table goes to stderr.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -59,20 +58,23 @@ def gradient_noise(model_dir: str, probes: int, batch_size: int = 64) -> dict:
     import tensorflow as tf
 
     from tf_iresnet import datasets
-    from tf_iresnet.models.density import IResNetFlow
-    from tf_iresnet.tasks.density import DensityTrainConfig, make_train_step, model_config
+    from tf_iresnet.models.density import DensityConfig, IResNetFlow
+    from tf_iresnet.tasks.density import DensityTrainConfig, make_train_step
     from tf_iresnet.training import read_config
 
-    cfg = read_config(model_dir, DensityTrainConfig)
+    saved = read_config(model_dir)  # the run's fields and, under "model", the model's config
+    cfg = DensityTrainConfig(dataset=saved["dataset"], preset=saved["preset"],
+                             seed=saved["seed"])
     x = next(iter(datasets.load(cfg.dataset, "train", batch_size=batch_size, seed=12345)))
     out = {}
     for estimator in ESTIMATORS:
-        run_cfg = dataclasses.replace(cfg, model_overrides={
-            **cfg.model_overrides, "neumann_gradient": estimator == "neumann"})
-        model = IResNetFlow(model_config(run_cfg), name=cfg.preset)
+        model_cfg = DensityConfig(**{
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in saved["model"].items()},
+            "neumann_gradient": estimator == "neumann"})
+        model = IResNetFlow(model_cfg, name=cfg.preset)
         tf.train.Checkpoint(model=model).restore(
             tf.train.latest_checkpoint(model_dir)).expect_partial().assert_existing_objects_matched()
-        step_fn = make_train_step(run_cfg)
+        step_fn = make_train_step(cfg)
 
         @tf.function
         def flat_gradient(step, model=model, step_fn=step_fn):

@@ -353,6 +353,8 @@ def run_phase(phase: str, cfg: BenchConfig) -> dict:
     result.setdefault("load_average_1min", {})[phase] = [round(load, 2),
                                                          round(os.getloadavg()[0], 2)]
     result[f"{phase}_peak_rss_gb"] = peak_rss_gb()
+    # What stays resident once the phase's tensors are freed: traced graphs, runtime, heap.
+    result[f"{phase}_rss_after_gb"] = rss_gb()
     result["kernels"] = kernels()
     result[f"{phase}_rss_before_gb"] = base
     return result

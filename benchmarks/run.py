@@ -112,6 +112,7 @@ def benchmark(cfg: BenchConfig, phases=PHASES, log=None) -> dict:
         start = time.perf_counter()
         result = _spawn_phase(phase, cfg)
         peaks[phase] = result.pop(f"{phase}_peak_rss_gb")
+        record.setdefault("rss_after_phase_gb", {})[phase] = result.pop(f"{phase}_rss_after_gb")
         record.setdefault("rss_before_phase_gb", {})[phase] = result.pop(f"{phase}_rss_before_gb")
         record.setdefault("load_average_1min", {}).update(result.pop("load_average_1min"))
         record.update(result)

@@ -19,7 +19,7 @@ def test_depth_sweep_and_full_depth_train_a_step_on_a_tiny_model():
     for r in rows:
         assert r["gradient_memory"] == "stored" and r["batch_size"] == 4
         assert all(positive(r[k]) for k in ("train_step_s", "train_img_per_s", "peak_rss_gb",
-                                            "rss_before_gb"))
+                                            "rss_before_gb", "rss_after_gb"))
     # The paper's MNIST model at the tiny widths and depth of `base`'s overrides.
     (full,) = depth.full_depth(base, run._spawn_phase, presets=("mnist_density_paper",))
     assert full["preset"] == "mnist_density_paper" and full["gradient_memory"] == "stored"
@@ -33,7 +33,8 @@ def _fake_spawn(calls):
         peak = 1.0 + (0.01 if cfg.overrides.get("gradient_memory") == "invertible" else 0.1) \
             * blocks
         return {"train_step_s": 0.5, "train_img_per_s": 8.0 * blocks, "train_first_call_s": 2.0,
-                "train_peak_rss_gb": peak, "train_rss_before_gb": 0.9, "kernels": "plain",
+                "train_peak_rss_gb": peak, "train_rss_before_gb": 0.9,
+                "train_rss_after_gb": peak - 0.05, "train_live_tensor_peak_gb": peak - 0.8, "kernels": "plain",
                 "load_average_1min": {phase: [0.1, 0.1]}, "inference_img_per_s": 1200.0}
     return spawn
 
