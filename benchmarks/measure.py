@@ -38,6 +38,22 @@ def rss_gb() -> float:
     return _status_kb("VmRSS") * 1024 / 1e9
 
 
+def trimmed_rss_gb() -> float:
+    """Resident size (GB) after glibc's ``malloc_trim(0)`` hands the freed heap back to the
+    system: what the process still holds once its tensors are freed (traced graphs, kernels,
+    the runtime). Without glibc, the untrimmed `rss_gb`."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+    return rss_gb()
+
+
 def _live_tensor_peak_gb(fn) -> tuple[float | None, float | None, str | None]:
     """``(live before, peak during one call of fn, None)`` of TensorFlow's CPU allocator, in
     GB: the tensors themselves, without the runtime, oneDNN's primitive caches and the memory

@@ -21,6 +21,7 @@ from benchmarks.measure import (
     op_family,
     peak_rss_gb,
     rss_gb,
+    trimmed_rss_gb,
 )
 
 # The phases run by default.
@@ -353,8 +354,7 @@ def run_phase(phase: str, cfg: BenchConfig) -> dict:
     result.setdefault("load_average_1min", {})[phase] = [round(load, 2),
                                                          round(os.getloadavg()[0], 2)]
     result[f"{phase}_peak_rss_gb"] = peak_rss_gb()
-    # What stays resident once the phase's tensors are freed: traced graphs, runtime, heap.
-    result[f"{phase}_rss_after_gb"] = rss_gb()
+    result[f"{phase}_rss_after_gb"] = trimmed_rss_gb()
     result["kernels"] = kernels()
     result[f"{phase}_rss_before_gb"] = base
     return result
