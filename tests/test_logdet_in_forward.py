@@ -18,7 +18,7 @@ ESTIMATORS = {
     "series": LogDetConfig(method="series", n_terms=3),
     "neumann": LogDetConfig(method="series", n_terms=3, neumann_gradient=True),
     # A low roulette cap keeps the plain unbiased gradient's unrolled graph small.
-    "unbiased": LogDetConfig(method="unbiased", n_exact_terms=1, max_roulette_terms=4),
+    "unbiased": LogDetConfig(method="unbiased", n_exact_terms=1, max_roulette_terms=2),
     "unbiased_neumann": LogDetConfig(method="unbiased", n_exact_terms=1, neumann_gradient=True),
 }
 SEED = (5, 6)
@@ -63,15 +63,23 @@ def _block_loss_and_grads(block, x, weights):
     return loss, ldj, tape.gradient(loss, [x, *block.residual_fn.trainable_variables])
 
 
+def _compiled(block, compiled):
+    """``(x, weights) -> (loss, ldj, grads)`` of ``block``, in a `tf.function` or eager."""
+    def fn(x, weights):
+        return _block_loss_and_grads(block, x, weights)
+
+    return tf.function(fn) if compiled else fn
+
+
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
 def test_block_values_and_gradients_equal_the_stored_path(estimator, compiled):
     branch = _branch()
     x = tf.random.stateless_normal([3, 4, 4, 2], seed=[1, 2])
     weights = tf.fill([3], 0.7)  # a batch mean or sum: equal weights
-    fn = tf.function(_block_loss_and_grads) if compiled else _block_loss_and_grads
-    want_loss, want_ldj, want = fn(_block(branch, ESTIMATORS[estimator], False), x, weights)
-    loss, ldj, got = fn(_block(branch, ESTIMATORS[estimator], True), x, weights)
+    want_loss, want_ldj, want = _compiled(_block(branch, ESTIMATORS[estimator], False),
+                                          compiled)(x, weights)
+    loss, ldj, got = _compiled(_block(branch, ESTIMATORS[estimator], True), compiled)(x, weights)
     np.testing.assert_allclose(ldj, want_ldj, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     assert len(got) == 1 + len(branch.trainable_variables) >= 5
@@ -83,13 +91,11 @@ def test_unequal_log_det_weights_raise(compiled):
     branch = _branch()
     x = tf.random.stateless_normal([3, 4, 4, 2], seed=[1, 2])
     block = _block(branch, ESTIMATORS["neumann"], True)
-    fn = tf.function(_block_loss_and_grads) if compiled else _block_loss_and_grads
     with pytest.raises(tf.errors.InvalidArgumentError,
-                       match="same upstream gradient on every example's log-det"):
-        fn(block, x, tf.constant([1.0, 2.0, 3.0]))
+                       match="needs the same upstream gradient on the log-det of every example"):
+        _compiled(block, compiled)(x, tf.constant([1.0, 2.0, 3.0]))
 
 
-@pytest.mark.slow  # XLA compilation on 2 busy cores
 def test_under_xla_unequal_weights_give_nan_gradients():
     keras.utils.set_random_seed(0)
     branch = tf_iresnet.dense_branch(2, (4,), coeff=0.9)
@@ -155,24 +161,29 @@ def _model_loss_and_grads(model, x, seed):
     return loss, logdet, tape.gradient(loss, [x, *model.trainable_variables])
 
 
-@pytest.mark.parametrize("estimator", list(MODEL_ESTIMATORS))
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
+@pytest.mark.parametrize("estimator,compiled", [
+    ("series", False), ("neumann", False), ("unbiased", False), ("neumann", True),
+    # Traced: about 8 s each on 2 busy cores. The Neumann gradient (the default) runs in CI.
+    pytest.param("series", True, marks=pytest.mark.slow),
+    pytest.param("unbiased", True, marks=pytest.mark.slow)])
 def test_model_values_and_gradients_equal_the_stored_path(estimator, compiled):
-    stored, x = _model(**MODEL_ESTIMATORS[estimator])
-    ours, _ = _model(**MODEL_ESTIMATORS[estimator], gradient_memory="logdet_in_forward")
+    # Two scales of one block each (4x4x1 -> 2x2x4, factor out 2 -> 1x1x8).
+    stored, x = _model(blocks=(1, 1), **MODEL_ESTIMATORS[estimator])
+    ours, _ = _model(blocks=(1, 1), **MODEL_ESTIMATORS[estimator],
+                     gradient_memory="logdet_in_forward")
     seed = tf.constant([7, 8])
     fn = tf.function(_model_loss_and_grads) if compiled else _model_loss_and_grads
     want_loss, want_ldj, want = fn(stored, x, seed)
     loss, ldj, got = fn(ours, x, seed)
     np.testing.assert_allclose(ldj, want_ldj, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-    assert sum(w is not None for w in want) > 10
+    assert sum(w is not None for w in want) > 8
     _assert_same(got, want)
 
 
 def test_trains_under_mirrored_strategy_like_the_stored_path(tmp_path):
-    # Two replicas (conftest splits the CPU in two), two SGD steps of the training task's loss
-    # (mean bits/dim per replica, divided by the replica count): the same losses and weights.
+    # Two replicas (conftest splits the CPU in two), one SGD step of the training task's loss
+    # (mean bits/dim per replica, divided by the replica count): the same loss and weights.
     from tf_iresnet.tasks.common import step_seed
     from tf_iresnet.training.loop import Trainer
     from tf_iresnet.training.strategy import make_strategy
@@ -185,13 +196,13 @@ def test_trains_under_mirrored_strategy_like_the_stored_path(tmp_path):
     for memory in ("stored", "logdet_in_forward"):
         strategy = make_strategy("mirrored")
         assert strategy.num_replicas_in_sync == 2
-        model, x = _model(strategy, blocks=(1, 1), gradient_memory=memory)
+        model, x = _model(strategy, blocks=(1,), strides=(1,), gradient_memory=memory)
         initial = [v.numpy() for v in model.trainable_variables]
         with strategy.scope():
             optimizer = keras.optimizers.SGD(learning_rate=0.05)
         trainer = Trainer(strategy=strategy, model=model, optimizer=optimizer,
                           train_step_fn=step_fn, model_dir=str(tmp_path / memory),
-                          total_steps=2, log_every=1, checkpoint_every=0, progress=False)
+                          total_steps=1, log_every=1, checkpoint_every=0, progress=False)
         results[memory] = trainer.train(tf.data.Dataset.from_tensors(x).repeat())
         weights[memory] = [v.numpy() for v in model.trainable_variables]
     np.testing.assert_allclose(results["logdet_in_forward"]["loss"], results["stored"]["loss"],

@@ -68,16 +68,18 @@ def _common_weight(dlogdet: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     the weights differ, for XLA), with an assertion on equal weights as a control input."""
     n = tf.cast(tf.size(dlogdet), dlogdet.dtype)
     weight = tf.math.divide_no_nan(tf.reduce_sum(dlogdet), n)
-    spread = tf.reduce_max(tf.abs(dlogdet - weight), initial=0.0)
-    scale = tf.reduce_max(tf.abs(dlogdet), initial=0.0)
+    # Both are -inf for an empty batch, which counts as equal.
+    spread = tf.reduce_max(tf.abs(dlogdet - weight))
+    scale = tf.reduce_max(tf.abs(dlogdet))
     equal = spread <= WEIGHT_RTOL * scale
     check = tf.debugging.Assert(equal, [
-        "gradient_memory='logdet_in_forward' (InvertibleResidualBlock(logdet_in_forward=True)) "
-        "needs the same upstream gradient on every example's log-det: its parameter gradient "
-        "is stored summed over the batch in the forward pass, which is right only for a loss "
-        "that uses the log-dets through their batch mean or sum. Got dL/dlogdet from",
+        # No quotes: graphs print them escaped.
+        "gradient_memory=logdet_in_forward (InvertibleResidualBlock(logdet_in_forward=True)) "
+        "needs the same upstream gradient on the log-det of every example: its parameter "
+        "gradient is stored summed over the batch in the forward pass, which is right only for "
+        "a loss that uses the log-dets through their batch mean or sum. Got dL/dlogdet from",
         tf.reduce_min(dlogdet), "to", tf.reduce_max(dlogdet),
-        ". For per-example weights use gradient_memory='stored' (logdet_in_forward=False)."],
+        ". For per-example weights use gradient_memory=stored (logdet_in_forward=False)."],
         summarize=1)
     with tf.control_dependencies([check]):
         poison = tf.where(equal, tf.constant(0.0, dlogdet.dtype),
