@@ -33,8 +33,10 @@ gradients are NaN instead), never a silently wrong gradient.
 Memory: per block the backward pass keeps x, ``a`` (one more tensor of x's size) and ``b`` (one
 copy of the branch's variables), against g's hidden activations and the estimate's vjp graph
 on the stored path; the transient memory of one block's estimate and its gradient is freed
-before the next block runs. Cost: the estimate's backward pass moves into the forward pass
-(same arithmetic), plus one more forward pass of g per block in the backward pass.
+before the next block runs. Cost: the estimate's backward pass moves into the forward pass,
+and g's forward and backward pass run once more per block (the stored path backpropagates
+``dL/dg`` and the estimate's gradient through g's graph together; here the backward pass runs
+g again for ``dL/dg`` alone). Measured in ``benchmarks/README.md``.
 
 As with `tf_iresnet.recompute.recompute_gradient`, the saving needs a `tf.function` (eagerly
 the outer tape still records the forward pass: same gradients, no memory saved), g must be
