@@ -104,6 +104,9 @@ def test_every_bad_flag_gets_a_clear_error(binary, tmp_path):
     assert "larger than the 1500 training examples" in out["batch_size_over_dataset"][1]
     assert "is a file" in out["model_dir_is_file"][1]
     assert "tfds build mnist" in out["tfds_not_prepared"][1]
+    if binary == "density":
+        assert "use it with recompute=False" in out["logdet_in_forward_recompute"][1]
+        assert "needs logdet one of" in out["logdet_in_forward_exact"][1]
 
 
 def test_binaries_print_one_line_and_exit_1(tmp_path):

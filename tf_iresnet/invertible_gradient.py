@@ -31,10 +31,8 @@ from tf_iresnet.recompute import _after
 
 tfb = tfp.bijectors
 
-__all__ = ["GRADIENT_MEMORY", "RECONSTRUCTION", "forward_and_log_det"]
+__all__ = ["RECONSTRUCTION", "forward_and_log_det"]
 
-# "stored": the usual backward pass over stored activations; "invertible": this module's.
-GRADIENT_MEMORY = ("stored", "invertible")
 # The default tolerance of the reconstruction: Lip(g) = 0.9 leaves an error of at most
 # 0.9 / 0.1 = 9 times the last step, so about 1e-5 per block.
 RECONSTRUCTION = InverseConfig(atol=1e-6, rtol=1e-6, max_iter=300)

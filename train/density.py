@@ -15,8 +15,8 @@ import functools
 
 from absl import app, flags
 
-from tf_iresnet.invertible_gradient import GRADIENT_MEMORY
 from tf_iresnet.logdet import METHODS, PROBES
+from tf_iresnet.models.density import GRADIENT_MEMORY
 from tf_iresnet.tasks.common import run_dirs, steps_for_epochs
 from tf_iresnet.tasks.density import (
     OPTIMIZERS,
@@ -76,7 +76,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                          flag_values=fv)
     flags.DEFINE_enum("gradient_memory", None, list(GRADIENT_MEMORY),
                       "Backward pass of the training step: 'stored' (the preset's default) keeps "
-                      "the forward pass's activations; 'invertible' rebuilds every block's "
+                      "the forward pass's activations; 'logdet_in_forward' computes every "
+                      "block's log-det gradients in the forward pass and keeps only those "
+                      "(less memory, one more pass of each residual branch; series or unbiased "
+                      "log-det, not with --recompute); 'invertible' rebuilds every block's "
                       "input from its output, so memory does not grow with depth (one inverse "
                       "and one more forward pass per block).", flag_values=fv)
     flags.DEFINE_integer("eval_examples", default("eval_examples"),

@@ -12,6 +12,7 @@ from tf_iresnet import fixed_point
 from tf_iresnet.bijectors.checks import check_input
 from tf_iresnet.fixed_point import InverseConfig
 from tf_iresnet.logdet import LogDetConfig, residual_and_logdet, stateless_seed
+from tf_iresnet.logdet_in_forward import IN_FORWARD_METHODS, residual_and_logdet_in_forward
 from tf_iresnet.recompute import recompute_gradient
 
 tfb = tfp.bijectors
@@ -92,6 +93,7 @@ class InvertibleResidualBlock(tfb.Bijector):
         n_samples: int | None = None,
         seed=None,
         recompute: bool = False,
+        logdet_in_forward: bool = False,
         validate_args: bool = False,
         name: str | None = None,
     ):
@@ -121,6 +123,13 @@ class InvertibleResidualBlock(tfb.Bijector):
             log-det there (`tf_iresnet.recompute.recompute_gradient`): same values and
             gradients, the memory of one block instead of all inside a `tf.function`, one more
             forward pass with log-det per block. Both passes use the same seed.
+          logdet_in_forward: compute the log-det's gradients (in the input and in the
+            branch's variables) during the forward pass and keep only those, not the
+            estimate's graph; the backward pass runs g once more for its vector-Jacobian
+            product (`tf_iresnet.logdet_in_forward`). Same values and gradients, provided the
+            loss weights every example's log-det equally (a batch mean or sum; other weights
+            raise in the backward pass). Needs ``logdet`` ``"series"`` or ``"unbiased"`` and
+            ``recompute=False``.
           validate_args: check that inputs are finite (forward and inverse). Inputs of
             another dtype than ``residual_fn.compute_dtype`` are always refused (``TypeError``).
           name: name of the bijector.
@@ -143,6 +152,17 @@ class InvertibleResidualBlock(tfb.Bijector):
         parameters.update(logdet=self._config, inverse=inverse, n_terms=None, n_samples=None)
         self._residual_fn = residual_fn
         self._recompute = bool(recompute)
+        self._logdet_in_forward = bool(logdet_in_forward)
+        if self._logdet_in_forward and self._recompute:
+            raise ValueError(
+                "logdet_in_forward=True and recompute=True cannot be combined: recompute runs "
+                "the whole log-det again in the backward pass, logdet_in_forward differentiates "
+                "it in the forward pass; pick one.")
+        if self._logdet_in_forward and self._config.method not in IN_FORWARD_METHODS:
+            raise ValueError(
+                f"logdet_in_forward=True needs logdet one of {IN_FORWARD_METHODS}, got "
+                f"{self._config.method!r} ('exact' has no graph worth dropping, 'none' no "
+                f"log-det).")
         self._event_ndims = event_ndims
         self._seed = seed
         with tf.name_scope(name or "invertible_residual_block") as name:
@@ -212,7 +232,12 @@ class InvertibleResidualBlock(tfb.Bijector):
             gx, ldj = residual_and_logdet(self._g, t, self._config, seed=seed)
             return gx if ldj is None else (gx, ldj)
 
-        out = recompute_gradient(residual)(flat) if self._recompute else residual(flat)
+        if self._logdet_in_forward:
+            out = residual_and_logdet_in_forward(self._g, flat, self._config, seed=seed)
+        elif self._recompute:
+            out = recompute_gradient(residual)(flat)
+        else:
+            out = residual(flat)
         gx, ldj = (out, None) if self._config.method == "none" else out
         y = self._unflatten(flat + gx, batch_shape, event=True)
         if ldj is None:

@@ -22,14 +22,19 @@ from tf_iresnet.bijectors import (
 from tf_iresnet.bijectors.multiscale import MultiScale
 from tf_iresnet.datasets.core import bits_per_dim
 from tf_iresnet.fixed_point import InverseConfig
-from tf_iresnet.invertible_gradient import GRADIENT_MEMORY, forward_and_log_det
+from tf_iresnet.invertible_gradient import forward_and_log_det
 from tf_iresnet.logdet import PROBES, LogDetConfig, stateless_seed
+from tf_iresnet.logdet_in_forward import IN_FORWARD_METHODS
 from tf_iresnet.residual import conv_branch, dense_branch
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
 
-__all__ = ["DensityConfig", "IResNetFlow", "build_density_model"]
+__all__ = ["GRADIENT_MEMORY", "DensityConfig", "IResNetFlow", "build_density_model"]
+
+# Backward passes of the training step, from the most activation memory to the least (see
+# `DensityConfig.gradient_memory`).
+GRADIENT_MEMORY = ("stored", "logdet_in_forward", "invertible")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +69,14 @@ class DensityConfig:
       recompute: recompute every residual block in the training step's backward pass instead
         of keeping its intermediates (gradient checkpointing; same values and gradients, less
         memory, more time: see ``benchmarks/README.md``).
-      gradient_memory: ``"stored"`` (the usual backward pass over the activations stored by
-        the forward pass) or ``"invertible"``: the training step's backward pass rebuilds
+      gradient_memory: the training step's backward pass, from the most memory to the least:
+        ``"stored"`` (the usual backward pass over the activations stored by the forward pass:
+        per block g's and the log-det estimate's); ``"logdet_in_forward"`` (every block
+        differentiates its log-det in the forward pass and keeps only those gradients, one
+        tensor of the block input's size and one copy of its branch's weights, and runs g once
+        more in the backward pass, `tf_iresnet.logdet_in_forward`; needs ``logdet``
+        ``"series"`` or ``"unbiased"`` and a loss that averages or sums the log-dets over the
+        batch, which the training task's does); ``"invertible"``: the backward pass rebuilds
         every step's input from its output (fixed-point inverse at ``reconstruction_tol``) and
         recomputes it, so activation memory does not grow with depth
         (`tf_iresnet.invertible_gradient`; one inverse and one more forward pass per block).
@@ -133,6 +144,14 @@ class DensityConfig:
         if self.gradient_memory == "invertible" and self.recompute:
             raise ValueError("gradient_memory='invertible' already recomputes every block; "
                              "use it with recompute=False.")
+        if self.gradient_memory == "logdet_in_forward":
+            if self.recompute:
+                raise ValueError("gradient_memory='logdet_in_forward' differentiates the "
+                                 "log-det in the forward pass and recompute=True recomputes "
+                                 "it in the backward pass; use it with recompute=False.")
+            if self.logdet not in IN_FORWARD_METHODS:
+                raise ValueError(f"gradient_memory='logdet_in_forward' needs logdet one of "
+                                 f"{IN_FORWARD_METHODS}, got {self.logdet!r}.")
         if not self.reconstruction_tol > 0.0:
             raise ValueError(f"reconstruction_tol must be > 0, got {self.reconstruction_tol}.")
         if self.prior not in ("learned", "fixed"):
@@ -246,7 +265,8 @@ class IResNetFlow(keras.Model):
             return dict(logdet=LogDetConfig(
                 method=c.logdet, n_terms=c.n_terms, n_samples=c.n_samples,
                 n_exact_terms=c.n_exact_terms, neumann_gradient=c.neumann_gradient,
-                probe=c.probe), recompute=c.recompute)
+                probe=c.probe), recompute=c.recompute,
+                logdet_in_forward=c.gradient_memory == "logdet_in_forward")
         if mode == "eval":
             return dict(logdet=LogDetConfig(method=c.eval_logdet, n_terms=c.eval_n_terms,
                                             n_samples=c.eval_n_samples, probe=c.probe))
