@@ -47,13 +47,17 @@ def depth_sweep(base: BenchConfig, spawn, log=None, depths=DEPTHS,
             result = spawn("train", cfg)
             rows.append({"preset": base.preset, "blocks": list(blocks),
                          "gradient_memory": memory, "batch_size": base.batch_size,
-                         "train_step_s": result["train_step_s"],
-                         "train_img_per_s": result["train_img_per_s"],
-                         "peak_rss_gb": result["train_peak_rss_gb"],
-                         "rss_before_gb": result["train_rss_before_gb"],
-                         "rss_after_gb": result["train_rss_after_gb"],
-                         "live_tensor_peak_gb": result["train_live_tensor_peak_gb"]})
+                         "train_img_per_s": result["train_img_per_s"], **_memory(result)})
     return rows
+
+
+def _memory(result: dict) -> dict:
+    """A train phase's step time and memory figures, as the rows name them."""
+    return {"train_step_s": result["train_step_s"],
+            "peak_rss_gb": result["train_peak_rss_gb"],
+            "rss_before_gb": result["train_rss_before_gb"],
+            "rss_after_gb": result["train_rss_after_gb"],
+            "live_tensor_peak_gb": result["train_live_tensor_peak_gb"]}
 
 
 def depth_growth(rows: list[dict]) -> dict[str, float]:
@@ -77,12 +81,8 @@ def full_depth(base: BenchConfig, spawn, log=None, presets=FULL_DEPTH) -> list[d
             log(f"[full depth] {preset} gradient_memory={cfg.overrides['gradient_memory']} ...")
         result = spawn("train", cfg)
         rows.append({"preset": preset, "gradient_memory": cfg.overrides["gradient_memory"],
-                     "batch_size": base.batch_size, "train_step_s": result["train_step_s"],
-                     "train_first_call_s": result["train_first_call_s"],
-                     "peak_rss_gb": result["train_peak_rss_gb"],
-                     "rss_before_gb": result["train_rss_before_gb"],
-                     "rss_after_gb": result["train_rss_after_gb"],
-                     "live_tensor_peak_gb": result["train_live_tensor_peak_gb"]})
+                     "batch_size": base.batch_size,
+                     "train_first_call_s": result["train_first_call_s"], **_memory(result)})
     return rows
 
 
