@@ -111,6 +111,39 @@ def test_every_step_is_rebuilt_one_at_a_time():
     assert steps.count("Squeeze") == 2
 
 
+def _traced_nodes(model, x):
+    """Nodes of the traced training gradient: its graph and every function of its library."""
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            log_pz, logdet = model.log_prob_parts(x, mode="train", seed=tf.constant([1, 2]))
+            loss = -tf.reduce_mean(log_pz + logdet)
+        return tape.gradient(loss, model.trainable_variables)
+
+    graph = step.get_concrete_function(x).graph.as_graph_def()
+    return len(graph.node) + sum(len(f.node_def) for f in graph.library.function)
+
+
+def test_the_traced_graph_does_not_grow_with_depth():
+    # Blocks of one scale share one traced forward and one traced backward function: from 2 to
+    # 4 blocks per scale the graph grows by the calls and weight reads only (measured: 272
+    # nodes, against 4100 for the stored backward pass, which copies every block's graph).
+    x = tf.random.stateless_uniform([6, 4, 4, 1], seed=[3, 4])
+    growth = {}
+    for memory in ("stored", "invertible"):
+        nodes = [_traced_nodes(build_density_model(dataclasses.replace(
+            CONFIG, blocks=(k, k), gradient_memory=memory)), x) for k in (2, 4)]
+        growth[memory] = nodes[1] - nodes[0]
+    assert growth["stored"] > 2000
+    assert growth["invertible"] < 0.1 * growth["stored"], growth
+
+
+def test_a_flow_without_seeds_is_refused():
+    model, x = _model()
+    with pytest.raises(ValueError, match="seed=None"):
+        forward_and_log_det(model.bijector(mode="train"), x)
+
+
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="gradient_memory must be one of"):
         dataclasses.replace(CONFIG, gradient_memory="none")

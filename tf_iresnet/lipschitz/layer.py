@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tf_iresnet.lipschitz.fft_bound import _conv2d_norm_upper_bound
 from tf_iresnet.lipschitz.operators import _bilinear, _OperatorSpec
-from tf_iresnet.lipschitz.solvers import _METHODS, _power_iteration, _solver
+from tf_iresnet.lipschitz.solvers import _METHODS, _shared_power_iteration, _solver
 
 # Per thread, a stack of {id(layer): constant kernel}: the folded kernels in force (see
 # `folded_kernels`).
@@ -349,7 +349,7 @@ class SpectralNormalization(keras.layers.Layer):
         iterations = self.power_iterations if iterations is None else iterations
         u, v = self._state()
         if iterations > 0:
-            u, v = _power_iteration(
+            u, v = _shared_power_iteration(
                 self._spec, tf.stop_gradient(self._kernel()), u, v, iterations)
             u, v = tf.stop_gradient(u), tf.stop_gradient(v)
             self.u.assign(u)

@@ -42,6 +42,13 @@ def _power_iteration(
     return u, v
 
 
+# The training step's power iterations: one traced function per (operator, shapes, count),
+# called out of line by every layer of that shape, so a step's graph holds one copy of the
+# loop, not one per layer (they would grow the step's memory with the depth of the model).
+_shared_power_iteration = tf.function(_power_iteration, autograph=False,
+                                      experimental_attributes={"_noinline": True})
+
+
 def _power_iteration_to_tolerance(
     spec: _OperatorSpec,
     kernel: tf.Tensor,
