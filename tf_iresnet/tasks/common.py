@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from tf_iresnet import datasets, presets
 from tf_iresnet.training import RunDirError, check_output_dirs, make_strategy
+from tf_iresnet.training import optimizers
 from tf_iresnet.training.config import atomic_write
 
 OPTIMIZERS = ("adamax", "adam", "sgd")
@@ -109,7 +110,7 @@ def make_optimizer(name: str, learning_rate, *, momentum: float = 0.9,
     if weight_decay:
         kwargs["weight_decay"] = weight_decay
     if name == "adamax":
-        return keras.optimizers.Adamax(**kwargs)
+        return optimizers.Adamax(**kwargs)
     if name == "adam":
         return keras.optimizers.Adam(**kwargs)
     if name == "sgd":
