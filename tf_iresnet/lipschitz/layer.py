@@ -30,6 +30,11 @@ def _folded_kernel(layer) -> tf.Tensor | None:
     return None
 
 
+def folded_kernels_active() -> bool:
+    """Whether a `folded_kernels` context is in force in this thread."""
+    return any(getattr(_FOLDED, "stack", ()))
+
+
 @contextlib.contextmanager
 def folded_kernels(layers: Iterable[SpectralNormalization]) -> Iterator[None]:
     """Inside, each of ``layers`` computes with the constant ``W / max(1, sigma / coeff)``

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_iresnet import fixed_point
+from tf_iresnet import fixed_point, shared_blocks
 from tf_iresnet.bijectors import (
     ActNorm,
     ActNormState,
@@ -360,6 +360,12 @@ class IResNetFlow(keras.Model):
                 flow, x, InverseConfig(atol=tol, rtol=tol, max_iter=300))
             return self.prior().log_prob(z), logdet
         flow = self.bijector(mode=mode, seed=seed)
+        if mode == "train":
+            # Traced, the blocks of one signature share one function: a graph that does not
+            # grow with depth (same values and gradients).
+            shared = shared_blocks.forward_and_log_det(flow, x)
+            if shared is not None:
+                return self.prior().log_prob(shared[0]), shared[1]
         z = flow.forward(x)
         return self.prior().log_prob(z), flow.forward_log_det_jacobian(
             x, event_ndims=len(c.input_shape))

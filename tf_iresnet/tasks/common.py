@@ -16,8 +16,7 @@ import keras
 import tensorflow as tf
 
 from tf_iresnet import datasets, presets
-from tf_iresnet.training import RunDirError, check_output_dirs, make_strategy
-from tf_iresnet.training import optimizers
+from tf_iresnet.training import RunDirError, check_output_dirs, make_strategy, optimizers
 from tf_iresnet.training.config import atomic_write
 
 OPTIMIZERS = ("adamax", "adam", "sgd")
