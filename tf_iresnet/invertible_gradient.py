@@ -40,6 +40,7 @@ from tf_iresnet.shared_blocks import (
     UnitFunction,
     broadcast,
     group_units,
+    run_scales,
     shared_functions,
     steps,
 )
@@ -176,23 +177,10 @@ def forward_and_log_det(
     def run(x, *flat):
         trainable = trainable_of(flat)
         batch = tf.shape(x)[0]
-        h, ldj, latents = x, tf.zeros([batch], x.dtype), []
-        for i, items in enumerate(scales):
-            for item in items:
-                if isinstance(item, Unit):
-                    h, unit_ldj = by_unit[item].forward(trainable[item], frozen[item], h,
-                                                        seeds[item])
-                    ldj += unit_ldj
-                    continue
-                h_next = item.forward(h)
-                ldj += broadcast(item.forward_log_det_jacobian(h, event_ndims=ndims), batch,
-                                  x.dtype)
-                h = h_next
-            if factor_out and i < last:
-                half = h.shape[-1] // 2
-                latents.append(h[..., :half])
-                h = h[..., half:]
-        latents.append(h)
+        latents, ldj = run_scales(
+            scales, x,
+            lambda unit, h: by_unit[unit].forward(trainable[unit], frozen[unit], h, seeds[unit]),
+            factor_out=factor_out, ndims=ndims)
         shapes = [t.shape[1:] for t in latents]
         z = tf.concat([tf.reshape(t, [batch, -1]) for t in latents], axis=-1)
 

@@ -35,7 +35,7 @@ from tf_iresnet.logdet import stateless_seed
 
 tfb = tfp.bijectors
 
-__all__ = ["Unit", "UnitFunction", "forward_and_log_det", "group_units", "steps"]
+__all__ = ["Unit", "UnitFunction", "forward_and_log_det", "group_units", "run_scales", "steps"]
 
 # The attribute that keeps a function call out of line (TF's function inliner skips it).
 NOINLINE = {"_noinline": True}
@@ -206,22 +206,35 @@ def forward_and_log_det(flow: MultiScale, x: tf.Tensor) -> tuple[tf.Tensor, tf.T
     if any(s is None for s in seeds.values()) or any(u.custom_variable_gradient for u in units):
         return None
     functions = shared_functions(units, lambda t: UnitFunction(t, ndims, traced=True))
+    latents, ldj = run_scales(
+        scales, x, lambda unit, h: functions[unit].forward(*unit.values(), h, seeds[unit]),
+        factor_out=flow.factor_out, ndims=ndims)
+    batch = tf.shape(x)[0]
+    return tf.concat([tf.reshape(t, [batch, -1]) for t in latents], axis=-1), ldj
+
+
+def run_scales(scales: list[list[Unit | tfb.Bijector]], x: tf.Tensor, unit_fn, *,
+               factor_out: bool, ndims: int) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """The multi-scale forward pass: ``(latents, log-det [B])`` for ``x [B, *event]``, each
+    `Unit` computed by ``unit_fn(unit, h) -> (output, log-det [B])``, the other steps
+    directly; half the channels factored out after every non-final scale if ``factor_out``.
+    ``latents`` are ``[B, *shape]``, the factored-out ones first."""
     batch = tf.shape(x)[0]
     h, ldj, latents = x, tf.zeros([batch], x.dtype), []
     last = len(scales) - 1
     for i, items in enumerate(scales):
         for item in items:
             if isinstance(item, Unit):
-                h, unit_ldj = functions[item].forward(*item.values(), h, seeds[item])
+                h, unit_ldj = unit_fn(item, h)
                 ldj += unit_ldj
                 continue
             h_next = item.forward(h)
             ldj += broadcast(item.forward_log_det_jacobian(h, event_ndims=ndims), batch,
                              x.dtype)
             h = h_next
-        if flow.factor_out and i < last:
+        if factor_out and i < last:
             half = h.shape[-1] // 2
             latents.append(h[..., :half])
             h = h[..., half:]
     latents.append(h)
-    return tf.concat([tf.reshape(t, [batch, -1]) for t in latents], axis=-1), ldj
+    return latents, ldj

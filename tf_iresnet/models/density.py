@@ -80,6 +80,9 @@ class DensityConfig:
         every step's input from its output (fixed-point inverse at ``reconstruction_tol``) and
         recomputes it, so activation memory does not grow with depth
         (`tf_iresnet.invertible_gradient`; one inverse and one more forward pass per block).
+        In every mode but ``logdet_in_forward`` (and ``recompute=True``) the traced training
+        step runs the blocks of one scale through one shared function
+        (`tf_iresnet.shared_blocks`), so its graph does not grow with depth either.
       reconstruction_tol: atol and rtol of the fixed-point inverse of every block in the
         ``"invertible"`` backward pass (a missed tolerance raises).
       probe: Hutchinson probe distribution of every estimate, ``"gaussian"`` or
