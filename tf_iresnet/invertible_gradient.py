@@ -12,9 +12,10 @@ one step's intermediates are alive at any time, whatever the number of blocks
 *A graph that does not grow with depth either.* Inside a `tf.function`, the units (an ActNorm
 and the residual block after it) of one signature, the blocks of a scale, share one traced
 forward function and one traced backward function (rebuild, recompute, gradient), called for
-every unit with that unit's weights as arguments (`tf_iresnet.shared_blocks`). Without this, the traced step holds a copy of every block's
-forward, log-det, rebuild loop and recomputation, and its graph, not the activations, dominates
-the memory of deep models. Eagerly the same Python code runs directly.
+every unit with that unit's weights as arguments (`tf_iresnet.shared_blocks`). Without this,
+the traced step holds a copy of every block's forward, log-det, rebuild loop and
+recomputation, and its graph, not the activations, dominates the memory of deep models.
+Eagerly the same Python code runs directly.
 
 Cost: one fixed-point inverse and one more forward pass with log-det per block. The gradients
 are those of the stored backward pass up to the reconstruction error (tolerance ``atol + rtol
@@ -149,14 +150,14 @@ def forward_and_log_det(
     scales = [group_units(steps(s)) for s in flow.scales]
     units = [u for items in scales for u in items if isinstance(u, Unit)]
     traced = not tf.executing_eagerly()
-    by_unit = shared_functions(
-        units, lambda t: _UnitFunctions(t, ndims, reconstruction, traced))
     for unit in units:
         if unit.custom_variable_gradient:
             raise ValueError(f"{unit.block.name} has recompute or logdet_in_forward set; the "
                              "invertible backward pass recomputes every block itself: build "
                              "the flow's blocks without them.")
     seeds = {unit: _unit_seed(unit) for unit in units}
+    by_unit = shared_functions(
+        units, lambda t: _UnitFunctions(t, ndims, reconstruction, traced))
     unit_values = {unit: unit.values() for unit in units}
     frozen = {unit: unit_values[unit][1] for unit in units}
     # The trainable values are inputs of the custom gradient, so their gradients reach the
