@@ -4,7 +4,9 @@ Keras builds an optimizer's update in Python, one copy of the update's arithmeti
 variable: in the traced training step of a deep flow that is some 30 graph nodes per
 variable, hundreds per residual block, and the step's graph grows with depth. `Adamax` runs
 TF's fused ``ResourceApplyAdaMax`` kernel instead (what the TF 2 Keras optimizers ran), the
-same arithmetic on the same slots, so checkpoints are those of `keras.optimizers.Adamax`.
+same arithmetic on the same slots, so checkpoints are those of `keras.optimizers.Adamax`. The
+scalars of the update (``beta_1^t``, the rate, the betas, epsilon) are computed once per step
+and graph, not once per variable.
 """
 
 from __future__ import annotations
@@ -32,15 +34,38 @@ class Adamax(keras.optimizers.Adamax):
     Eagerly it is Keras' own update.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # (graph, learning-rate tensor, {dtype: scalars}) of the update being traced.
+        self._step_scalars = None
+
+    def apply(self, grads, trainable_variables=None):
+        self._step_scalars = None  # every update reads `iterations` anew
+        return super().apply(grads, trainable_variables)
+
+    def _scalars(self, dtype: tf.DType, learning_rate) -> dict[str, tf.Tensor]:
+        """This update's scalars in ``dtype``, made by its first variable's update and shared
+        by the others (in the same graph: a loop body or branch makes its own)."""
+        graph = tf.compat.v1.get_default_graph()
+        cache = self._step_scalars
+        if cache is None or cache[0] is not graph or cache[1] is not learning_rate:
+            cache = self._step_scalars = (graph, learning_rate, {})
+        if dtype not in cache[2]:
+            with tf.name_scope("adamax_scalars"):
+                local_step = tf.cast(self.iterations + 1, dtype)
+                beta_1 = tf.cast(self.beta_1, dtype)
+                cache[2][dtype] = {
+                    "beta1_power": tf.pow(beta_1, local_step),
+                    "lr": tf.cast(learning_rate, dtype), "beta1": beta_1,
+                    "beta2": tf.cast(self.beta_2, dtype),
+                    "epsilon": tf.cast(self.epsilon, dtype)}
+        return cache[2][dtype]
+
     def update_step(self, gradient, variable, learning_rate):
         if tf.executing_eagerly():
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
         index = self._get_variable_index(variable)
-        local_step = tf.cast(self.iterations + 1, dtype)
         tf.raw_ops.ResourceApplyAdaMax(
             var=_handle(variable), m=_handle(self._m[index]), v=_handle(self._u[index]),
-            beta1_power=tf.pow(tf.cast(self.beta_1, dtype), local_step),
-            lr=tf.cast(learning_rate, dtype), beta1=tf.cast(self.beta_1, dtype),
-            beta2=tf.cast(self.beta_2, dtype), epsilon=tf.cast(self.epsilon, dtype),
-            grad=tf.cast(gradient, dtype))
+            grad=tf.cast(gradient, dtype), **self._scalars(tf.as_dtype(dtype), learning_rate))
