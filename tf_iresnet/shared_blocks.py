@@ -116,9 +116,11 @@ class Unit:
         return [block] if self.actnorm is None else [self.actnorm.copy(), block]
 
     def values(self) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
-        """The current ``(trainable, frozen)`` values; only the trainable carry gradients."""
+        """The current ``(trainable, frozen)`` values; only the trainable carry gradients (a
+        tape does not watch the frozen, non-trainable variables, and the spectral norms hold
+        u and v constant)."""
         return ([tf.convert_to_tensor(v) for v in self.trainable],
-                [tf.stop_gradient(tf.convert_to_tensor(v)) for v in self.frozen])
+                [tf.convert_to_tensor(v) for v in self.frozen])
 
 
 def group_units(items: list[tfb.Bijector]) -> list[Unit | tfb.Bijector]:

@@ -354,9 +354,7 @@ class SpectralNormalization(keras.layers.Layer):
         iterations = self.power_iterations if iterations is None else iterations
         u, v = self._state()
         if iterations > 0:
-            u, v = _shared_power_iteration(
-                self._spec, tf.stop_gradient(self._kernel()), u, v, iterations)
-            u, v = tf.stop_gradient(u), tf.stop_gradient(v)
+            u, v = _shared_power_iteration(self._spec, self._kernel(), u, v, iterations)
             self.u.assign(u)
             self.v.assign(v)
         return u, v

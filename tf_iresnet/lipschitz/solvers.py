@@ -42,10 +42,20 @@ def _power_iteration(
     return u, v
 
 
+def _power_iteration_without_gradient(
+    spec: _OperatorSpec, kernel: tf.Tensor, u: tf.Tensor, v: tf.Tensor, num_iterations: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`_power_iteration` with the kernel, u and v held constant: no gradient flows through."""
+    u, v = _power_iteration(spec, tf.stop_gradient(kernel), tf.stop_gradient(u),
+                            tf.stop_gradient(v), num_iterations)
+    return tf.stop_gradient(u), tf.stop_gradient(v)
+
+
 # The training step's power iterations: one traced function per (operator, shapes, count),
 # called out of line by every layer of that shape, so a step's graph holds one copy of the
-# loop, not one per layer (they would grow the step's memory with the depth of the model).
-_shared_power_iteration = tf.function(_power_iteration, autograph=False,
+# loop (and of its gradient stops), not one per layer (they would grow the step's memory with
+# the depth of the model).
+_shared_power_iteration = tf.function(_power_iteration_without_gradient, autograph=False,
                                       experimental_attributes={"_noinline": True})
 
 
