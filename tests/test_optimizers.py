@@ -49,3 +49,26 @@ def test_eager_update_and_slot_names_are_keras_own():
     assert [s.name.split("_")[-1] for s in a.variables] == [
         s.name.split("_")[-1] for s in k.variables]
     assert {"momentum", "norm"} <= {s.name.split("_")[-1] for s in a.variables}
+
+
+def test_two_updates_in_one_traced_function_each_read_their_step():
+    # The update's scalars (beta_1^t, ...) are made once per update, not once per trace: the
+    # second update of one function uses t + 1, as Keras' Adamax does.
+    def run(optimizer_cls):
+        variables = [keras.Variable(np.linspace(-1.0, 1.0, 6).astype("float32")),
+                     keras.Variable(np.ones([2, 2], "float32"))]
+        optimizer = optimizer_cls(learning_rate=0.1)
+        optimizer.build(variables)
+
+        @tf.function
+        def two_steps():
+            for t in (1.0, 2.0):
+                optimizer.apply_gradients(
+                    [(tf.cos(v * t), v) for v in variables])
+
+        two_steps()
+        two_steps()
+        return [v.numpy() for v in variables + list(optimizer.variables)]
+
+    for got, want in zip(run(Adamax), run(keras.optimizers.Adamax), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
