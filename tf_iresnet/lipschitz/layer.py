@@ -16,7 +16,12 @@ import tensorflow as tf
 
 from tf_iresnet.lipschitz.fft_bound import _conv2d_norm_upper_bound
 from tf_iresnet.lipschitz.operators import _bilinear, _OperatorSpec
-from tf_iresnet.lipschitz.solvers import _METHODS, _shared_power_iteration, _solver
+from tf_iresnet.lipschitz.solvers import (
+    _METHODS,
+    _shared_power_iteration,
+    _shared_power_iteration_in_place,
+    _solver,
+)
 
 # Per thread, a stack of {id(layer): constant kernel}: the folded kernels in force (see
 # `folded_kernels`).
@@ -352,12 +357,29 @@ class SpectralNormalization(keras.layers.Layer):
         """
         self._check_built("power_iterate")
         iterations = self.power_iterations if iterations is None else iterations
-        u, v = self._state()
-        if iterations > 0:
-            u, v = _shared_power_iteration(self._spec, self._kernel(), u, v, iterations)
-            self.u.assign(u)
-            self.v.assign(v)
+        if iterations <= 0:
+            return self._state()
+        plain = self._plain_variables()
+        if plain is not None:
+            return _shared_power_iteration_in_place(self._spec, *plain, iterations)
+        u, v = _shared_power_iteration(self._spec, self._kernel(), *self._state(), iterations)
+        self.u.assign(u)
+        self.v.assign(v)
         return u, v
+
+    def _plain_variables(self) -> tuple[tf.Variable, tf.Variable, tf.Variable] | None:
+        """The kernel, u and v as plain `tf.Variable`s, which a traced function may read and
+        assign itself; None when any of them is distributed (its assignment synchronizes
+        replicas), stands for a tensor (in a `keras.StatelessScope`, or autocast) or is not a
+        variable."""
+        out = []
+        for var in (self.layer.kernel, self.u, self.v):
+            value = var.value if isinstance(var, keras.Variable) else var
+            if (not isinstance(value, tf.Variable)
+                    or isinstance(value, tf.distribute.DistributedValues)):
+                return None
+            out.append(value)
+        return tuple(out)
 
     def _normalize_kernel(self, kernel: tf.Tensor, u: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
         """``W / max(1, <u, A_W v> / coeff)`` with u, v constant, differentiable in W."""

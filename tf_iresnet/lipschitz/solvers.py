@@ -59,6 +59,24 @@ _shared_power_iteration = tf.function(_power_iteration_without_gradient, autogra
                                       experimental_attributes={"_noinline": True})
 
 
+def _power_iteration_in_place(
+    spec: _OperatorSpec, kernel: tf.Variable, u: tf.Variable, v: tf.Variable, num_iterations: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`_power_iteration_without_gradient` from the variables ``u``, ``v``, which it updates;
+    returns the new ``(u, v)``."""
+    new_u, new_v = _power_iteration_without_gradient(
+        spec, kernel.read_value(), u.read_value(), v.read_value(), num_iterations)
+    u.assign(new_u)
+    v.assign(new_v)
+    return new_u, new_v
+
+
+# The same with the reads and assignments inside: one call node per layer in the step's graph.
+# tf.function traces once per variable shape, not per variable.
+_shared_power_iteration_in_place = tf.function(
+    _power_iteration_in_place, autograph=False, experimental_attributes={"_noinline": True})
+
+
 def _power_iteration_to_tolerance(
     spec: _OperatorSpec,
     kernel: tf.Tensor,

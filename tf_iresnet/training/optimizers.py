@@ -25,6 +25,17 @@ def _handle(variable) -> tf.Tensor:
     return variable.handle
 
 
+class _ScalarCache:
+    """The scalars of the update being traced: made in ``graph`` from ``learning_rate``."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.graph = self.learning_rate = None
+        self.by_dtype: dict = {}
+
+
 @keras.saving.register_keras_serializable(package="tf_iresnet")
 class Adamax(keras.optimizers.Adamax):
     """`keras.optimizers.Adamax` with its traced per-variable update fused into one op.
@@ -36,30 +47,42 @@ class Adamax(keras.optimizers.Adamax):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # (graph, learning-rate tensor, {dtype: scalars}) of the update being traced.
-        self._step_scalars = None
+        # Not a dict or tuple attribute: the optimizer's checkpoint tracking would wrap those.
+        self._step_scalars = _ScalarCache()
 
     def apply(self, grads, trainable_variables=None):
-        self._step_scalars = None  # every update reads `iterations` anew
-        return super().apply(grads, trainable_variables)
+        self._step_scalars.clear()  # every update reads `iterations` anew
+        try:
+            return super().apply(grads, trainable_variables)
+        finally:
+            self._step_scalars.clear()  # holds no graph's tensors after it
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        # A sum over one replica is the gradient itself; TF's all-reduce in the default replica
+        # context still adds two graph nodes per variable.
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync == 1:
+            return list(grads_and_vars)
+        return super()._all_reduce_sum_gradients(grads_and_vars)
 
     def _scalars(self, dtype: tf.DType, learning_rate) -> dict[str, tf.Tensor]:
         """This update's scalars in ``dtype``, made by its first variable's update and shared
         by the others (in the same graph: a loop body or branch makes its own)."""
-        graph = tf.compat.v1.get_default_graph()
         cache = self._step_scalars
-        if cache is None or cache[0] is not graph or cache[1] is not learning_rate:
-            cache = self._step_scalars = (graph, learning_rate, {})
-        if dtype not in cache[2]:
+        graph = tf.compat.v1.get_default_graph()
+        if graph is not cache.graph or learning_rate is not cache.learning_rate:
+            cache.clear()
+            cache.graph, cache.learning_rate = graph, learning_rate
+        if dtype not in cache.by_dtype:
             with tf.name_scope("adamax_scalars"):
                 local_step = tf.cast(self.iterations + 1, dtype)
                 beta_1 = tf.cast(self.beta_1, dtype)
-                cache[2][dtype] = {
+                cache.by_dtype[dtype] = {
                     "beta1_power": tf.pow(beta_1, local_step),
                     "lr": tf.cast(learning_rate, dtype), "beta1": beta_1,
                     "beta2": tf.cast(self.beta_2, dtype),
                     "epsilon": tf.cast(self.epsilon, dtype)}
-        return cache[2][dtype]
+        return cache.by_dtype[dtype]
 
     def update_step(self, gradient, variable, learning_rate):
         if tf.executing_eagerly():
