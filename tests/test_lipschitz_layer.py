@@ -22,6 +22,7 @@ from tf_iresnet.lipschitz.model import (
     converge_spectral_norms,
     spectral_norm_layers,
 )
+from tf_iresnet.lipschitz.solvers import _shared_power_iteration_in_place
 from tf_iresnet.training import make_strategy
 
 pytestmark = pytest.mark.usefixtures("keras_seed")
@@ -94,6 +95,33 @@ def test_training_updates_state_inference_does_not(mode):
     # The training output uses the updated state.
     y_ref = tf.nn.conv2d(x, layer.normalized_kernel(), 2, "SAME")
     np.testing.assert_allclose(y_train.numpy(), y_ref.numpy(), atol=1e-5)
+
+
+def test_layers_of_one_shape_share_one_traced_power_iteration():
+    # Traced, each layer's power iterations (reads, iterations, assignments) are one call of a
+    # function traced once per shape: the step's graph does not hold a copy per layer.
+    layers = [conv_sn(1, "same", use_bias=False, power_iterations=2) for _ in range(3)]
+    expected = []
+    for i, layer in enumerate(layers):
+        layer.layer.kernel.assign(tf.random.normal(layer.layer.kernel.shape, seed=i))
+        u0 = unit(layer.u.numpy() + np.random.default_rng(i).standard_normal(layer.u.shape))
+        layer.u.assign(u0.astype(np.float32))
+        expected.append(_expected_power_step(layer, layer.u.numpy(), layer.v.numpy(), 2))
+
+    @tf.function
+    def post_step():
+        for layer in layers:
+            layer.power_iterate()
+
+    traces = _shared_power_iteration_in_place.experimental_get_tracing_count()
+    post_step()
+    assert _shared_power_iteration_in_place.experimental_get_tracing_count() - traces <= 1
+    ops = [op.type for op in post_step.get_concrete_function().graph.get_operations()]
+    assert ops.count("StatefulPartitionedCall") == len(layers), ops
+    assert "ReadVariableOp" not in ops and "AssignVariableOp" not in ops, ops
+    for layer, (u, v) in zip(layers, expected, strict=True):
+        np.testing.assert_allclose(layer.u.numpy(), u, atol=1e-5)
+        np.testing.assert_allclose(layer.v.numpy(), v, atol=1e-5)
 
 
 def test_power_iterations_zero_freezes_state():
