@@ -59,7 +59,7 @@ class Adamax(keras.optimizers.Adamax):
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         # A sum over one replica is the gradient itself; TF's all-reduce in the default replica
-        # context still adds two graph nodes per variable.
+        # context still adds a graph node per variable.
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync == 1:
             return list(grads_and_vars)
