@@ -51,11 +51,11 @@ class Adamax(keras.optimizers.Adamax):
         self._step_scalars = _ScalarCache()
 
     def apply(self, grads, trainable_variables=None):
-        self._step_scalars.clear()  # every update reads `iterations` anew
         try:
             return super().apply(grads, trainable_variables)
         finally:
-            self._step_scalars.clear()  # holds no graph's tensors after it
+            # The next update reads `iterations` anew, and no graph's tensors are kept.
+            self._step_scalars.clear()
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         # A sum over one replica is the gradient itself; TF's all-reduce in the default replica
