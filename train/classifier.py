@@ -37,7 +37,7 @@ from tf_iresnet.tasks.classifier import (
 from tf_iresnet.tasks.common import run_dirs, steps_for_epochs
 from tf_iresnet.tasks.run import default as config_default
 
-from .flags import define_common_flags, run_task
+from .flags import define_common_flags, run_main, run_task
 
 _MODEL_FLAGS = ("coeff", "power_iterations", "hybrid_weight")
 
@@ -138,7 +138,7 @@ define_flags()
 
 def run():
     """Entry point of the ``tf-iresnet-classifier`` console script."""
-    app.run(main)
+    run_main(main, __name__)
 
 
 if __name__ == "__main__":

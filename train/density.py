@@ -26,7 +26,7 @@ from tf_iresnet.tasks.density import (
 )
 from tf_iresnet.tasks.run import default as config_default
 
-from .flags import define_common_flags, run_task
+from .flags import define_common_flags, run_main, run_task
 
 _MODEL_FLAGS = ("logdet", "n_terms", "n_samples", "n_exact_terms", "probe", "neumann_gradient",
                 "recompute", "gradient_memory", "coeff", "power_iterations")
@@ -126,7 +126,7 @@ def main(argv):
 
 def run():
     """Entry point of the ``tf-iresnet-density`` console script."""
-    app.run(main)
+    run_main(main, __name__)
 
 
 define_flags()

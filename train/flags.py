@@ -4,7 +4,9 @@ Each binary has the same shape: ``define_flags(fv)`` calls `define_common_flags`
 task's config type (the flags' defaults are that config's field defaults) and defines its own
 extra flags; ``config_from_flags(fv)`` resolves them into the task's config; ``main`` runs it
 through `run_task`. ``define_flags(flags.FLAGS)`` runs at import. The flags count
-as the calling binary's own (this module disclaims them), so ``--help`` lists them as before.
+as the calling binary's own (this module disclaims them), and `run_main` makes them the key
+flags of the main module absl's ``--help`` describes, so ``--help`` lists them both under
+``python -m train.<binary>`` and from the installed console scripts.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from absl import flags
+from absl import app, flags
 
 from tf_iresnet import datasets, presets
 from tf_iresnet.tasks import run
@@ -181,3 +183,20 @@ def run_task(train_fn: Callable, config_fn: Callable):
         sys.stderr.write(f"Error: {message}\n")
         sys.stderr.flush()
         sys.exit(1)
+
+
+def run_main(main: Callable, module_name: str) -> None:
+    """``app.run(main)`` for the binary ``module_name`` (its ``__name__``), with ``--help``
+    (and its alias ``--helpshort``) listing the binary's own flags.
+
+    absl's ``--help`` lists the key flags of the main module, which it names by
+    ``sys.argv[0]``, and a flag is key to the module that defines it, named by its
+    ``__name__`` (``sys.argv[0]`` for ``__main__``). Under ``python -m train.density`` the two
+    agree; a console script imports the binary as ``tf_iresnet_train.density`` while
+    ``sys.argv[0]`` is the script's path, so without this ``--help`` would print only the usage
+    line. ``--helpfull`` is unchanged: every flag, grouped by the module that defines it.
+    """
+    main_module = sys.argv[0]  # what absl's --help and --helpfull take as the main module
+    for flag in flags.FLAGS.get_flags_for_module(module_name):
+        flags.FLAGS.register_key_flag_for_module(main_module, flag)
+    app.run(main)
