@@ -14,6 +14,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tf_iresnet.convolution import conv2d
 from tf_iresnet.lipschitz.fft_bound import _conv2d_norm_upper_bound
 from tf_iresnet.lipschitz.operators import _bilinear, _OperatorSpec
 from tf_iresnet.lipschitz.solvers import (
@@ -450,16 +451,8 @@ class SpectralNormalization(keras.layers.Layer):
             inputs = tf.cast(inputs, compute_dtype)
         kernel = tf.cast(kernel, compute_dtype)
         if self._is_conv:
-            # tf.nn.convolution runs a dilated convolution as space-to-batch around a plain
-            # one on CPU (as Keras's Conv2D does), so that its gradient exists without oneDNN.
-            outputs = tf.nn.convolution(
-                inputs,
-                kernel,
-                strides=list(self._spec.strides),
-                padding=self._spec.padding,
-                dilations=list(self._spec.dilations),
-                data_format="NHWC",  # explicit: the eager second-order gradient reads it
-            )
+            outputs = conv2d(inputs, kernel, strides=self._spec.strides,
+                             padding=self._spec.padding, dilations=self._spec.dilations)
         else:
             outputs = tf.matmul(inputs, kernel)
         if self.layer.use_bias:
