@@ -331,6 +331,42 @@ def test_mirrored_matches_default_strategy(tmp_path):
             assert results[name] == pytest.approx(ref_results[name], rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["default", "mirrored"])
+def test_jit_compile_none_measures_both_and_keeps_the_faster(tmp_path, name):
+    strategy = make_strategy(name)
+    trainer = make_trainer(strategy, tmp_path / "run", 4, jit_compile=None)
+    assert trainer.jit_compile is None
+    results = trainer.train(dataset())
+    timings = trainer.jit_compile_timings
+    assert set(timings) == {"xla", "no_xla"} and all(t > 0 for t in timings.values())
+    assert trainer.jit_compile == (timings["xla"] < timings["no_xla"])
+    recorded = json.load(open(tmp_path / "run" / "jit_compile.json"))
+    assert recorded["jit_compile"] is trainer.jit_compile
+    assert recorded["seconds_per_call"] == pytest.approx(timings)
+    # Timing runs no update: the weights are those of a run with the choice fixed in advance.
+    fixed = make_trainer(make_strategy(name), tmp_path / "fixed", 4,
+                         jit_compile=trainer.jit_compile)
+    fixed_results = fixed.train(dataset())
+    assert_all_close(values(trainer.model.weights), values(fixed.model.weights), atol=1e-6)
+    assert results["loss"] == pytest.approx(fixed_results["loss"], rel=1e-5)
+
+
+def test_a_recorded_jit_compile_choice_is_reused_on_resume(tmp_path):
+    first = make_trainer(make_strategy("default"), tmp_path, 2, jit_compile=None)
+    first.train(dataset())
+    forced = not first.jit_compile  # as if the other had been faster when first measured
+    path = tmp_path / "jit_compile.json"
+    path.write_text(json.dumps({"jit_compile": forced}))
+    resumed = make_trainer(make_strategy("default"), tmp_path, 4, jit_compile=None)
+    resumed.train(dataset())
+    assert resumed.step == 4 and resumed.jit_compile is forced
+    assert resumed.jit_compile_timings is None  # reused, not measured
+    path.write_text("{not json")
+    broken = make_trainer(make_strategy("default"), tmp_path, 6, jit_compile=None)
+    with pytest.raises(ValueError, match="jit_compile.json.*delete it to measure again"):
+        broken.train(dataset())
+
+
 def test_resume_continues_with_same_optimizer_state(tmp_path):
     strategy = make_strategy("mirrored")
     full = make_trainer(strategy, tmp_path / "full", 16)

@@ -78,8 +78,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
             "checkpoint_every": "Steps between checkpoints (0: only at the end; default: as "
                                 "--eval_every).",
             "log_every": "Steps between TensorBoard/progress-bar updates.",
-            "jit_compile": "XLA-compile the forward and backward pass (slower for the digits "
-                           "models on CPU).",
         },
         lower_bounds={"train_steps": 1},
         coeff_message="--coeff must be in the open interval (0, 1): the residual branches "

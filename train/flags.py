@@ -43,7 +43,10 @@ _HELP = {
     "eval_every": "Steps between test-split evaluations.",
     "checkpoint_every": "Steps between checkpoints.",
     "log_every": "Steps between TensorBoard/progress updates.",
-    "jit_compile": "XLA-compile the forward/backward pass (slower first step, faster after).",
+    "jit_compile": "XLA-compile the forward/backward pass (--jit_compile) or not "
+                   "(--nojit_compile). Default: both are timed on the first batch and the "
+                   "faster is kept (recorded in <model_dir>/jit_compile.json; a resumed run "
+                   "reuses it).",
     "coeff": "Spectral-norm coefficient in (0, 1).",
     "power_iterations": "Power iterations per step.",
     "data_dir": "Where tfds datasets are prepared (default $TFDS_DATA_DIR or "

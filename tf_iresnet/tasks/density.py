@@ -61,7 +61,6 @@ class DensityTrainConfig(RunConfig):
     model_dir: str = "runs/digits_density_digits"
     export_dir: str = "saved_models/digits_density"
     learning_rate: float = 3e-3
-    jit_compile: bool = True
     optimizer: str = "adamax"
     warmup_steps: int = 100
     weight_decay: float = 0.0

@@ -60,7 +60,9 @@ class RunConfig:
       seed: seeds initialization, data order, dequantization noise and log-det probes.
       eval_every, checkpoint_every: intervals in steps (0: only at the end).
       log_every: steps between TensorBoard/progress-bar updates.
-      jit_compile: XLA-compile the per-replica forward and backward pass.
+      jit_compile: XLA-compile the per-replica forward and backward pass (True) or not
+        (False); None (default): time both on the first batch and keep the faster, recorded
+        in ``model_dir/jit_compile.json`` (`tf_iresnet.training.Trainer`).
       data_dir: where tfds datasets are prepared ('' for ``$TFDS_DATA_DIR`` or
         ``~/tensorflow_datasets``); nothing is downloaded.
 
@@ -83,7 +85,7 @@ class RunConfig:
     eval_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 50
-    jit_compile: bool = False
+    jit_compile: bool | None = None
     data_dir: str = ""
 
     def __post_init__(self):

@@ -33,6 +33,7 @@ effect depends on the number of replicas; clip inside the model or avoid them wh
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -43,7 +44,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_iresnet.training.checkpoint import CheckpointState
-from tf_iresnet.training.config import config_to_dict, read_config, write_config
+from tf_iresnet.training.config import atomic_write, config_to_dict, read_config, write_config
 from tf_iresnet.training.strategy import is_chief
 
 TrainStepFn = Callable[[keras.Model, Any, tf.Tensor], tuple[tf.Tensor, Mapping[str, tf.Tensor]]]
@@ -110,9 +111,15 @@ class Trainer:
       post_step_fn: optional `post_step_fn(model, step)`, traced into the step after the
         optimizer update, in replica context (e.g. extra power iterations). Variables it assigns
         need an aggregation (`"mean"` or `"only_first_replica"`) under mirrored strategies.
-      jit_compile: XLA-compile the per-replica forward and backward pass. The optimizer update
-        stays outside XLA: compiled under `MirroredStrategy` it fails on this stack, because its
-        cross-replica update reaches variables on the other replicas' devices.
+      jit_compile: XLA-compile the per-replica forward and backward pass (True), or not
+        (False), or None: measure. Before the first step, `train` then times both on the first
+        batch (`choose_jit_compile`) and keeps the faster, recorded in
+        `model_dir/jit_compile.json`, which a resumed run reuses (so it resumes exactly).
+        Which is faster depends on the model and the machine: measured on 2 CPU cores, XLA
+        wins on the small digits models and loses on the wide benchmark presets
+        (`benchmarks/README.md`). The optimizer update stays outside XLA: compiled under
+        `MirroredStrategy` it fails on this stack, because its cross-replica update reaches
+        variables on the other replicas' devices.
       config: optional dataclass or dict, written to `model_dir/config.json` by the chief.
       progress: show a `keras.utils.Progbar` on the chief. Default True.
 
@@ -134,7 +141,7 @@ class Trainer:
         eval_every: int = 0,
         eval_fn: EvalFn | None = None,
         post_step_fn: PostStepFn | None = None,
-        jit_compile: bool = False,
+        jit_compile: bool | None = False,
         config: Any = None,
         progress: bool = True,
     ):
@@ -156,7 +163,8 @@ class Trainer:
         self.log_every = int(log_every)
         self.checkpoint_every = int(checkpoint_every)
         self.eval_every = int(eval_every)
-        self.jit_compile = bool(jit_compile)
+        self.jit_compile = None if jit_compile is None else bool(jit_compile)
+        self.jit_compile_timings: dict[str, float] | None = None
         self.progress = progress
         self.is_chief = is_chief(strategy)
 
@@ -172,11 +180,8 @@ class Trainer:
         self._restored = False
         self._weights_finite_fn = None
         self._step_function = tf.function(self._distributed_step, reduce_retracing=True)
-        self._grads_fn = (
-            tf.function(self._replica_grads, jit_compile=True)
-            if self.jit_compile
-            else self._replica_grads
-        )
+        self._xla_grads_fn = tf.function(self._replica_grads, jit_compile=True)
+        self._grads_fn = self._xla_grads_fn if self.jit_compile else self._replica_grads
 
     # ---------------------------------------------------------------- state
 
@@ -215,6 +220,59 @@ class Trainer:
         if path:
             logging.info("Saved checkpoint %s.", path)
         return path
+
+    # ---------------------------------------------------------------- XLA or not
+
+    def choose_jit_compile(self, batch: Any, calls: int = 2) -> bool:
+        """Sets `jit_compile` to the faster of the two forward-backward passes on `batch`.
+
+        Each is run once untimed (tracing, XLA compilation), then timed over ``calls`` calls
+        (gradients only: no update, no variable changes). Under several workers the times are
+        summed over the replicas, so every worker makes the same choice. A choice recorded in
+        `model_dir/jit_compile.json` by an earlier run is reused instead (an exact resume
+        needs the same computation); the chief records a new one there.
+
+        Args:
+          batch: a distributed batch (one step's).
+          calls: timed calls per variant.
+
+        Returns:
+          The choice; `jit_compile_timings` holds the seconds per call (None when reused).
+        """
+        recorded = _read_jit_choice(self.model_dir)
+        if recorded is not None:
+            self._set_jit_compile(recorded)
+            logging.info("XLA %s, as recorded in %s.", "on" if recorded else "off",
+                         os.path.join(self.model_dir, JIT_CHOICE_FILENAME))
+            return recorded
+        step = tf.cast(tf.convert_to_tensor(self.optimizer.iterations), tf.int64)
+        timings = {}
+        for name, fn in (("xla", self._xla_grads_fn), ("no_xla", self._replica_grads)):
+            # Called through a Python function in each replica's context, as in the step.
+            run = tf.function(lambda b, fn=fn: self.strategy.run(
+                lambda part: fn(part, step), args=(b,)))
+            _host_read(run(batch))
+            tick = time.perf_counter()
+            for _ in range(calls):
+                _host_read(run(batch))
+            seconds = (time.perf_counter() - tick) / calls
+            total = self.strategy.reduce(
+                tf.distribute.ReduceOp.SUM,
+                self.strategy.run(lambda s=seconds: tf.constant(s, tf.float64)), axis=None)
+            timings[name] = float(total) / self.strategy.num_replicas_in_sync
+        choice = timings["xla"] < timings["no_xla"]
+        self._set_jit_compile(choice)
+        self.jit_compile_timings = timings
+        if self.is_chief:
+            _write_jit_choice(self.model_dir, choice, timings)
+        logging.info("XLA %s: the forward-backward pass took %.4g s with XLA and %.4g s "
+                     "without (per replica and call).", "on" if choice else "off",
+                     timings["xla"], timings["no_xla"])
+        return choice
+
+    def _set_jit_compile(self, on: bool) -> None:
+        self.jit_compile = bool(on)
+        self._grads_fn = self._xla_grads_fn if on else self._replica_grads
 
     # ---------------------------------------------------------------- the step
 
@@ -338,6 +396,8 @@ class Trainer:
         first_bad = tf.constant(-1, tf.int64)
         while step < self.total_steps:
             batch, iterator = _next_batch(iterator, dataset)
+            if self.jit_compile is None:
+                self.choose_jit_compile(batch)
             loss, metrics, learning_rate, first_bad = self._step_function(batch, first_bad)
             step += 1
             count += 1
@@ -395,6 +455,40 @@ class Trainer:
         with writer.as_default():
             for name, value in values.items():
                 tf.summary.scalar(name, value, step=step)
+
+
+JIT_CHOICE_FILENAME = "jit_compile.json"
+
+
+def _host_read(outputs) -> None:
+    for t in tf.nest.flatten(outputs):
+        for value in getattr(t, "values", (t,)):  # per-replica values
+            if tf.is_tensor(value):
+                value.numpy()
+
+
+def _read_jit_choice(model_dir: str) -> bool | None:
+    path = os.path.join(model_dir, JIT_CHOICE_FILENAME)
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            choice = json.load(f)["jit_compile"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a jit_compile choice ({e}); delete it to measure "
+                         "again.") from None
+    if not isinstance(choice, bool):
+        raise ValueError(f"{path}: jit_compile must be true or false, got {choice!r}; delete "
+                         "it to measure again.")
+    return choice
+
+
+def _write_jit_choice(model_dir: str, choice: bool, timings: Mapping[str, float]) -> None:
+    tf.io.gfile.makedirs(model_dir)
+    record = {"jit_compile": choice, "seconds_per_call": dict(timings),
+              "measured": "forward and backward pass on the first batch, per replica"}
+    atomic_write(os.path.join(model_dir, JIT_CHOICE_FILENAME),
+                 json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _next_batch(iterator, dataset):
