@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of full-depth presets (e.g. mnist_density_paper,"
                         "cifar10_density_paper) trained one step with gradient_memory="
                         "invertible (override it with --override=gradient_memory=...)")
+    p.add_argument("--reference", default="",
+                   help="JSON file of the reference code's figures measured on this machine, "
+                        "{preset: {train_img_per_s, inference_img_per_s, peak_rss_gb}}; the "
+                        "targets then compare with it first")
     p.add_argument("--output", default="", help="JSON file for all records")
     p.add_argument("--phase", default="", help=argparse.SUPPRESS)
     p.add_argument("--phase_config", default="", help=argparse.SUPPRESS)
@@ -248,8 +252,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for rows, name in ((depth_rows, "depth_sweep"), (full_rows, "full_depth")):
         for row in rows:
             print(json.dumps({name: row}), flush=True)
-    summary = depth.targets(records, depth_rows, full_rows)
+    side_by_side = None
+    if args.reference:
+        with open(args.reference) as f:
+            side_by_side = json.load(f)
+    summary = depth.targets(records, depth_rows, full_rows, side_by_side)
     print(json.dumps({"targets": summary}), flush=True)
+    table = depth.targets_table(summary)
+    if table:
+        log(table)
     if sweep_rows:
         os.makedirs(args.sweep_dir, exist_ok=True)
         log(sweep_table(sweep_rows))

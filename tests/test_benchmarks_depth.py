@@ -59,27 +59,50 @@ def test_cli_reports_depth_rows_and_every_target(monkeypatch, capsys):
     assert not targets["depth_growth"]["stored"]["met"]
     assert targets["full_depth_peak_gb"]["mnist_density_paper"]["met"]  # 1.03 GB <= 4
     # bench_mnist: 24 img/s against the reference's 8.2 (2.93x >= 2.5), peak 1.3 / 4.7.
-    mnist = targets["bench_mnist"]
+    mnist = targets["bench_mnist"]["xla_off"]["REFERENCE.md section 3"]
     assert mnist["train_x"]["value"] == pytest.approx(24 / 8.2) and mnist["train_x"]["met"]
     assert mnist["peak_memory_x"]["value"] == pytest.approx(1.3 / 4.7)
 
 
-def test_targets_count_only_xla_off_records_of_the_bench_presets():
+def test_targets_compare_each_xla_setting_with_every_reference():
     records = [
-        {"preset": "bench_cifar_small", "settings": {"xla": True}, "train_img_per_s": 999.0},
+        {"preset": "bench_cifar_small", "settings": {"xla": True, "kernels": "plain"},
+         "train_img_per_s": 38.0},
         {"preset": "digits_density", "settings": {"xla": False}, "train_img_per_s": 1.0},
-        {"preset": "bench_cifar_small", "settings": {"xla": False}, "train_img_per_s": 65.0,
-         "inference_img_per_s": 1000.0, "phase_peak_rss_gb": {"train": 1.5}},
+        {"preset": "bench_cifar_small", "settings": {"xla": False, "kernels": "plain"},
+         "train_img_per_s": 65.0, "inference_img_per_s": 1000.0,
+         "phase_peak_rss_gb": {"train": 1.5},
+         "roofline": {"train_step": {"img_per_s_isolated_convs": 130.0},
+                      "inference": {"img_per_s_isolated_convs": 1340.0}}},
     ]
     cold = {"preset": "bench_mnist", "settings": {"xla": False, "warmup": 0},
             "train_img_per_s": 0.1, "phase_peak_rss_gb": {"train": 2.0}}
-    out = depth.targets(records + [cold], [], [])
-    assert set(out["bench_mnist"]) == {"peak_memory_x"}  # no throughput from a cold call
-    del out["bench_mnist"]
-    assert set(out) == {"bench_cifar_small"}
-    figures = out["bench_cifar_small"]
-    assert figures["train_x"] == {"value": pytest.approx(2.0), "target": ">= 3.0", "met": False}
+    here = {"bench_cifar_small": {"train_img_per_s": 26.0, "inference_img_per_s": 800.0}}
+    out = depth.targets(records + [cold], [], [], side_by_side=here)
+    mnist = out.pop("bench_mnist")["xla_off"]["REFERENCE.md section 3"]
+    assert set(mnist) == {"peak_memory_x"}  # no throughput from a cold call
+    assert set(out) == {"bench_cifar_small"}  # digits has no reference
+    small = out["bench_cifar_small"]
+    assert set(small) == {"xla_on", "xla_off"}
+    off = small["xla_off"]
+    assert off["kernels"] == "plain"
+    assert list(off)[1:] == ["side by side on this machine", depth.REFERENCE_AVX2_CPU,
+                             "REFERENCE.md section 3"]  # the closest match first
+    mine = off["side by side on this machine"]
+    assert mine["train_x"] == {"value": pytest.approx(2.5), "target": ">= 3.0", "met": False,
+                               "ceiling_x": pytest.approx(5.0)}
+    assert mine["inference_x"]["value"] == pytest.approx(1.25)
+    assert "peak_memory_x" not in mine  # that run gave no memory figure
+    avx2 = off[depth.REFERENCE_AVX2_CPU]
+    assert avx2["train_x"]["value"] == pytest.approx(65 / 19.0) and avx2["train_x"]["met"]
+    assert avx2["inference_x"]["ceiling_x"] == pytest.approx(1340 / 394)
+    assert avx2["peak_memory_x"]["value"] == pytest.approx(1.5 / (1.76 * 2**30 / 1e9))
+    figures = off["REFERENCE.md section 3"]
     assert figures["inference_x"]["value"] == pytest.approx(1000 / 670)
     assert not figures["inference_x"]["met"]  # 1.49x < 1.6x
     assert figures["peak_memory_x"]["value"] == pytest.approx(1.5 / 1.8)
     assert not figures["peak_memory_x"]["met"]  # 0.83x > 0.7x
+    assert small["xla_on"][depth.REFERENCE_AVX2_CPU]["train_x"]["value"] == pytest.approx(2.0)
+    table = depth.targets_table(out)
+    assert "bench_cifar_small xla_on (plain kernels) vs side by side" in table
+    assert "train_x 2.50x >= 3.0 NOT met (ceiling 5.00x)" in table
