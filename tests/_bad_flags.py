@@ -2,17 +2,17 @@
 
     python tests/_bad_flags.py density|classifier WORK_DIR
 
-Runs in one process per binary (two binaries' flags cannot share a process): for each case it
-parses the arguments into a fresh `FlagValues`, resolves them into the task config and runs the
-checks a run makes before it trains (`tf_iresnet.tasks.run.preflight`). A case is *clear* when
-it fails with a flag error or a `ConfigError` (what the binary prints as a one-line usage error,
-exit status 1); anything else (another exception, or no error) is reported with its type. Prints
-``RESULT`` and a JSON ``{case: [kind, first line of the message]}``.
+`sweep` (the tests call it in their process; tests/_binaries.py imports the binary without
+touching absl's global flags): for each case it parses the arguments into a fresh `FlagValues`,
+resolves them into the task config and runs the checks a run makes before it trains
+(`tf_iresnet.tasks.run.preflight`). A case is *clear* when it fails with a flag error or a
+`ConfigError` (what the binary prints as a one-line usage error, exit status 1); anything else
+(another exception, or no error) is reported with its type. As a script it prints ``RESULT``
+and the JSON of `sweep`'s ``{case: [kind, first line of the message]}``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -21,7 +21,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def cases(work: str) -> dict[str, list[str]]:
+def cases(work: str, binary: str = "density") -> dict[str, list[str]]:
     """Bad invocations shared by both binaries, by name."""
     a_file = os.path.join(work, "a_file")
     with open(a_file, "w") as f:
@@ -61,7 +61,7 @@ def cases(work: str) -> dict[str, list[str]]:
         "lr_nan": [*run, "--lr=nan"],
         "lr_inf": [*run, "--lr=inf"],
         "tfds_not_prepared": [*run, f"--data_dir={empty_data}", "--dataset=mnist",
-                              "--preset=" + ("bench_mnist" if BINARY == "density"
+                              "--preset=" + ("bench_mnist" if binary == "density"
                                              else "mnist_classifier_paper")],
         "unknown_flag": [*run, "--no_such_flag=1"],
     }
@@ -108,28 +108,28 @@ def classifier_cases(work: str) -> dict[str, list[str]]:
     }
 
 
-BINARY = sys.argv[1] if __name__ == "__main__" else "density"
-
-
-def main() -> int:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def sweep(binary_name: str, work: str) -> dict[str, list[str]]:
+    """``{case: [kind, first line of the message]}`` of every case of ``binary_name``."""
     from absl import flags
 
     from tf_iresnet.tasks import classifier as classifier_task
     from tf_iresnet.tasks import density, run
     from tf_iresnet.tasks.common import ConfigError
 
-    work = sys.argv[2]
-    binary = importlib.import_module(f"train.{BINARY}")
-    task_type = density.DensityTask if BINARY == "density" else classifier_task.ClassifierTask
-    all_cases = {**cases(work),
-                 **(density_cases(work) if BINARY == "density" else classifier_cases(work))}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _binaries import binary as import_binary
+
+    binary = import_binary(binary_name)
+    is_density = binary_name == "density"
+    task_type = density.DensityTask if is_density else classifier_task.ClassifierTask
+    all_cases = {**cases(work, binary_name),
+                 **(density_cases(work) if is_density else classifier_cases(work))}
     out = {}
     for name, args in all_cases.items():
         fv = flags.FlagValues()
         binary.define_flags(fv)
         try:
-            fv([f"train.{BINARY}", *args])
+            fv([f"train.{binary_name}", *args])
             config = binary.config_from_flags(fv)
             run.preflight(task_type(config))
             out[name] = ["no error", ""]
@@ -137,7 +137,12 @@ def main() -> int:
             out[name] = ["clear", str(e).splitlines()[0] if str(e) else ""]
         except Exception as e:  # noqa: BLE001 - what the sweep counts
             out[name] = [type(e).__name__, str(e).splitlines()[0] if str(e) else ""]
-    print("RESULT" + json.dumps(out))
+    return out
+
+
+def main() -> int:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    print("RESULT" + json.dumps(sweep(sys.argv[1], sys.argv[2])))
     return 0
 
 

@@ -216,31 +216,12 @@ def test_under_mirrored_strategy_with_replica_consistent_seeds():
 
 def test_binary_flags_reach_the_model_config():
     # Neumann gradient by default; --gradient_memory and --noneumann_gradient override it.
-    import json
-    import os
-    import subprocess
-    import sys
-    import textwrap
+    from _binaries import config as binary_config
 
-    script = textwrap.dedent("""
-        import json, sys
-        from absl import flags
-        from train import density
-        from tf_iresnet.tasks.density import model_config
-        out = {}
-        for argv in (["p"], ["p", "--gradient_memory=invertible", "--noneumann_gradient"]):
-            flags.FLAGS.unparse_flags()
-            flags.FLAGS(argv)
-            c = model_config(density.config_from_flags(flags.FLAGS))
-            out[len(argv)] = [c.gradient_memory, c.neumann_gradient]
-        print("RESULT" + json.dumps(out))
-    """)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
-                          text=True, timeout=120,
-                          env=dict(os.environ, KERAS_BACKEND="tensorflow",
-                                   TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=repo))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    assert json.loads(line[len("RESULT"):]) == {"1": ["stored", True],
-                                                 "3": ["invertible", False]}
+    from tf_iresnet.tasks.density import model_config
+
+    out = {}
+    for args in ([], ["--gradient_memory=invertible", "--noneumann_gradient"]):
+        c = model_config(binary_config("density", args))
+        out[len(args)] = [c.gradient_memory, c.neumann_gradient]
+    assert out == {0: ["stored", True], 2: ["invertible", False]}

@@ -1,0 +1,47 @@
+"""The training binaries in the test process.
+
+A binary defines its flags on absl's global ``flags.FLAGS`` when it is imported, so two
+binaries cannot be imported into one process the ordinary way (the second raises
+`flags.DuplicateFlagError`). `binary` imports ``train.<name>`` while ``flags.FLAGS`` is a
+scratch `FlagValues`, so that its import-time ``define_flags()`` lands there; tests then parse
+flags into their own `FlagValues` with ``define_flags(fv)`` and ``config_from_flags(fv)``, the
+functions the binary runs on ``flags.FLAGS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import flags
+
+
+def binary(name: str):
+    """The module ``train.<name>`` (``"density"`` or ``"classifier"``)."""
+    module = f"train.{name}"
+    if module in sys.modules:
+        return sys.modules[module]
+    real = flags.FLAGS
+    flags.FLAGS = flags.FlagValues()  # read by the binary's defaults at import
+    try:
+        return importlib.import_module(module)
+    finally:
+        flags.FLAGS = real
+
+
+def parse(name: str, args) -> flags.FlagValues:
+    """A fresh `FlagValues` with the binary's flags, parsed from ``args`` (no program name).
+
+    Raises:
+      flags.Error: a flag the binary refuses (what it prints as a usage error, exit 1).
+    """
+    fv = flags.FlagValues()
+    binary(name).define_flags(fv)
+    fv([f"train.{name}", *args])
+    return fv
+
+
+def config(name: str, args):
+    """The task config the binary resolves from ``args`` (`parse`, then
+    ``config_from_flags``)."""
+    return binary(name).config_from_flags(parse(name, args))
