@@ -11,14 +11,28 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from _binaries import binary
 from absl import flags
 
 from tf_iresnet import presets
 from tf_iresnet.tasks.classifier import ClassifierTrainConfig, schedule_steps, train_classifier
 from tf_iresnet.training import read_config
-from train import classifier
+
+classifier = binary("classifier")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What these runs test (logs, checkpoints, resumption, export, flags) does not depend on the
+# model's size: digits_classifier's three stages with one narrow block each. The binary's runs
+# get the same (tests/_faults.py).
+TINY = {"blocks": (1, 1, 1), "hidden_channels": (8, 8, 8)}
+TINY_MODEL = dataclasses.replace(presets.config("digits_classifier"), **TINY)
+LAUNCHER = os.path.join(REPO, "tests", "_faults.py")
+
+
+def _env(**extra):
+    return dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2",
+                PYTHONPATH=REPO, PRESET_OVERRIDES=json.dumps({"digits_classifier": TINY}),
+                **extra)
 
 
 def _config(tmp_path, **changes):
@@ -26,10 +40,10 @@ def _config(tmp_path, **changes):
     warmup, decays = schedule_steps(steps)
     cfg = ClassifierTrainConfig(
         dataset="digits", preset="digits_classifier",
-        model=presets.config("digits_classifier"), model_dir=str(tmp_path / "run"),
+        model=TINY_MODEL, model_dir=str(tmp_path / "run"),
         export_dir="", batch_size=32, train_steps=steps, learning_rate=0.05,
         warmup_steps=warmup, decay_steps=decays, strategy="default", eval_every=3,
-        checkpoint_every=3, log_every=2, num_images=8)
+        checkpoint_every=3, log_every=2, num_images=8, jit_compile=False)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -60,11 +74,14 @@ def test_end_to_end_then_resume_and_export(tmp_path, capsys):
     first = tf.train.load_checkpoint(tf.train.latest_checkpoint(cfg.model_dir))
     # The non-trainable state is checkpointed too: ActNorm's flags, power-iteration vectors.
     # (Trainable weights may be saved under the optimizer's path to them instead.)
+    # One ActNorm and three spectrally normalized convolutions per block.
+    blocks = sum(cfg.model.blocks)
     saved = [k for k in first.get_variable_to_shape_map() if k.startswith("model/")]
     flags_saved = [k for k in saved if k.endswith("/initialized/.ATTRIBUTES/VARIABLE_VALUE")]
-    assert len(flags_saved) == 6 and all(first.get_tensor(k) == 1 for k in flags_saved)
+    assert len(flags_saved) == blocks and all(first.get_tensor(k) == 1 for k in flags_saved)
     for vector in ("u", "v"):
-        assert sum(k.endswith(f"/{vector}/.ATTRIBUTES/VARIABLE_VALUE") for k in saved) == 18
+        assert sum(k.endswith(f"/{vector}/.ATTRIBUTES/VARIABLE_VALUE") for k in saved) == \
+            3 * blocks
     capsys.readouterr()
 
     # Resume with a longer run, this time exporting.
@@ -124,20 +141,32 @@ def test_hybrid_run(tmp_path):
     assert np.isfinite(loaded.bits_per_dim(x).numpy()).all()
 
 
-def test_cli(tmp_path):
-    model_dir = str(tmp_path / "run")
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=REPO)
-    proc = subprocess.run(
-        [sys.executable, "-m", "train.classifier", f"--model_dir={model_dir}", "--export_dir=",
-         "--train_steps=3", "--batch_size=16", "--eval_every=0", "--log_every=1",
-         "--strategy=default", "--coeff=0.8"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def _run_binary(model_dir, **extra_env):
+    """The binary, 6 steps with a checkpoint every 2 (tests/_faults.py: the tiny preset, and
+    faults from ``extra_env``)."""
+    return subprocess.run(
+        [sys.executable, LAUNCHER, "train.classifier", f"--model_dir={model_dir}",
+         "--export_dir=", "--train_steps=6", "--batch_size=16", "--eval_every=0",
+         "--checkpoint_every=2", "--log_every=1", "--strategy=default", "--nojit_compile",
+         "--coeff=0.8"],
+        cwd=REPO, env=_env(**extra_env), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_cli_run(tmp_path_factory):
+    """The binary run that test_cli inspects and the killed run must match."""
+    model_dir = tmp_path_factory.mktemp("cli") / "whole"
+    return model_dir, _run_binary(model_dir)
+
+
+def test_cli(uninterrupted_cli_run):
+    model_dir, proc = uninterrupted_cli_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test accuracy:" in proc.stdout and "reconstruction max abs error:" in proc.stdout
-    assert "accuracy:" in proc.stdout.split("Training steps 0 -> 3", 1)[1]  # progress bar
-    config = read_config(model_dir)
-    assert config["train_steps"] == 3 and config["model"]["coeff"] == 0.8
+    assert "accuracy:" in proc.stdout.split("Training steps 0 -> 6", 1)[1]  # progress bar
+    config = read_config(str(model_dir))
+    assert config["train_steps"] == 6 and config["model"]["coeff"] == 0.8
+    assert tuple(config["model"]["blocks"]) == TINY["blocks"]  # the launcher's tiny preset
     assert config["preset"] == "digits_classifier" and config["l2_penalty"] == 5e-4
 
 
@@ -147,34 +176,24 @@ def _checkpoint_tensors(model_dir):
             if not k.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))}
 
 
-def test_killed_run_resumes_bit_identically(tmp_path):
+def test_killed_run_resumes_bit_identically(uninterrupted_cli_run, tmp_path):
     """The classifier binary SIGKILLed while it writes ckpt-4 (after ckpt-2), restarted with
     the same command, ends with the weights, BatchNorm statistics, power-iteration vectors and
     optimizer state of an uninterrupted run, bit for bit. (Kills mid-training are covered for
     the shared driver by tests/test_train_density.py; augmentation's resume by
     tests/test_datasets.py.)"""
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=REPO)
-
-    def run(model_dir, *launcher, **extra_env):
-        return subprocess.run(
-            [sys.executable, *launcher, f"--model_dir={model_dir}", "--export_dir=",
-             "--train_steps=6", "--batch_size=16", "--eval_every=0", "--checkpoint_every=2",
-             "--log_every=1", "--strategy=default", "--nojit_compile"],
-            cwd=REPO, env=dict(env, **extra_env), capture_output=True, text=True, timeout=300)
-
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert run(whole, "-m", "train.classifier").returncode == 0
-    faults = os.path.join(REPO, "tests", "_faults.py")
-    proc = run(killed, faults, "train.classifier", KILL_IN_SAVE="4")
+    whole, uninterrupted = uninterrupted_cli_run
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    killed = tmp_path / "killed"
+    proc = _run_binary(killed, KILL_IN_SAVE="4")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert tf.train.latest_checkpoint(str(killed)).endswith("ckpt-2")
     assert glob.glob(str(killed / "ckpt-4_temp*"))
-    restart = run(killed, "-m", "train.classifier")
+    restart = _run_binary(killed)
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert "Training steps 2 -> 6" in restart.stdout
     assert not glob.glob(str(killed / "ckpt-*_temp*"))
-    expected, got = _checkpoint_tensors(whole), _checkpoint_tensors(killed)
+    expected, got = _checkpoint_tensors(str(whole)), _checkpoint_tensors(str(killed))
     assert expected.keys() == got.keys()
     assert any("moving_mean" in k for k in expected) and any("/u/" in k for k in expected)
     different = [k for k in expected if not np.array_equal(expected[k], got[k])]
