@@ -24,8 +24,10 @@ lint: venv
 # the run inside CI's 20-minute budget; `make test-slow` runs them.
 CI_MARKS := $(if $(filter true,$(CI)),-m "not slow",)
 
+# --dist loadfile: each test file runs in one worker (the files with the most tests first), so
+# a module-scoped fixture (a trained run, an export that several tests inspect) is built once.
 test: lint
-	$(PY) -m pytest -q -n 2 --dist worksteal --durations=25 $(CI_MARKS) tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 $(CI_MARKS) tests
 	$(MAKE) --no-print-directory test-other-kernels
 
 # The kernel-sensitive tests once more on the other CPU kernel set: TensorFlow uses oneDNN by
@@ -36,13 +38,13 @@ KERNEL_TESTS := tests/test_lipschitz_operators.py tests/test_lipschitz_solvers.p
 	tests/test_benchmarks_measure.py tests/test_benchmarks_phases.py
 
 test-other-kernels: venv
-	@on=$$($(PY) -c "from tensorflow.python.util import _pywrap_util_port as p; print(int(p.IsMklEnabled()))" 2>/dev/null) && \
+	@on=$$($(PY) tests/_onednn.py 2>/dev/null) && \
 	flip=$$((1 - on)) && \
 	echo "Kernel tests again with TF_ENABLE_ONEDNN_OPTS=$$flip (oneDNN was $$([ $$on = 1 ] && echo on || echo off))" && \
 	TF_ENABLE_ONEDNN_OPTS=$$flip $(PY) -m pytest -q -n 2 --dist worksteal $(CI_MARKS) $(KERNEL_TESTS)
 
 test-slow: venv
-	$(PY) -m pytest -q -n 2 --dist worksteal -m slow tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow tests
 
 demo: venv
 	$(PY) -m train.density --preset=digits_density
