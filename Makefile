@@ -35,7 +35,7 @@ test: lint
 # that works on one kernel set only cannot pass.
 KERNEL_TESTS := tests/test_lipschitz_operators.py tests/test_lipschitz_solvers.py \
 	tests/test_lipschitz_fft_bound.py tests/test_lipschitz_layer.py tests/test_logdet.py \
-	tests/test_benchmarks_measure.py tests/test_benchmarks_phases.py
+	tests/test_benchmarks_measure.py tests/test_benchmarks_phases.py tests/test_convolution.py
 
 test-other-kernels: venv
 	@on=$$($(PY) tests/_onednn.py 2>/dev/null) && \
