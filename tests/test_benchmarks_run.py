@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from _bench import TINY, positive
 
-from benchmarks import run
+from benchmarks import depth, run
 from benchmarks.measure import kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,9 @@ def test_main_prints_one_json_record_per_preset(tmp_path, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
     # One record per preset, then the figures against the reference's targets.
     assert len(records) == 1 and lines[:-1] == records and set(lines[-1]) == {"targets"}
-    assert "inference_x" in lines[-1]["targets"]["bench_cifar_small"]
+    off = lines[-1]["targets"]["bench_cifar_small"]["xla_off"]
+    assert "inference_x" in off["REFERENCE.md section 3"]
+    assert "inference_x" in off[depth.REFERENCE_AVX2_CPU]
     record = records[0]
     assert record["preset"] == "bench_cifar_small"
     assert positive(record["inference_img_per_s"]) and positive(record["peak_rss_gb"])
