@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from _binaries import binary
+from _binaries import Background, binary
 from absl import flags
 
 from tf_iresnet import presets
@@ -141,33 +141,31 @@ def test_hybrid_run(tmp_path):
     assert np.isfinite(loaded.bits_per_dim(x).numpy()).all()
 
 
-def _run_binary(model_dir, **extra_env):
+def _binary_command(model_dir):
     """The binary, 6 steps with a checkpoint every 2 (tests/_faults.py: the tiny preset, and
-    faults from ``extra_env``)."""
-    return subprocess.run(
-        [sys.executable, LAUNCHER, "train.classifier", f"--model_dir={model_dir}",
-         "--export_dir=", "--train_steps=6", "--batch_size=16", "--eval_every=0",
-         "--checkpoint_every=2", "--log_every=1", "--strategy=default", "--nojit_compile",
-         "--coeff=0.8"],
-        cwd=REPO, env=_env(**extra_env), capture_output=True, text=True, timeout=300)
+    faults from the environment)."""
+    return [sys.executable, LAUNCHER, "train.classifier", f"--model_dir={model_dir}",
+            "--export_dir=", "--train_steps=6", "--batch_size=16", "--eval_every=0",
+            "--checkpoint_every=2", "--log_every=1", "--strategy=default", "--nojit_compile",
+            "--coeff=0.8"]
+
+
+def _run_binary(model_dir, **extra_env):
+    return subprocess.run(_binary_command(model_dir), cwd=REPO, env=_env(**extra_env),
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_cli_run(tmp_path_factory):
-    """The binary run that test_cli inspects and the killed run must match."""
-    model_dir = tmp_path_factory.mktemp("cli") / "whole"
-    return model_dir, _run_binary(model_dir)
-
-
-def test_cli(uninterrupted_cli_run):
-    model_dir, proc = uninterrupted_cli_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "test accuracy:" in proc.stdout and "reconstruction max abs error:" in proc.stdout
-    assert "accuracy:" in proc.stdout.split("Training steps 0 -> 6", 1)[1]  # progress bar
-    config = read_config(str(model_dir))
-    assert config["train_steps"] == 6 and config["model"]["coeff"] == 0.8
-    assert tuple(config["model"]["blocks"]) == TINY["blocks"]  # the launcher's tiny preset
-    assert config["preset"] == "digits_classifier" and config["l2_penalty"] == 5e-4
+    """The binary run that test_cli inspects and the killed run must match, started in the
+    background (the kill test's runs go side by side with it); ``wait()`` gives the finished
+    process."""
+    tmp_path = tmp_path_factory.mktemp("cli")
+    model_dir = tmp_path / "whole"
+    run = Background(_binary_command(model_dir), out_dir=str(tmp_path / "output"), cwd=REPO,
+                     env=_env())
+    yield model_dir, run
+    run.wait()
 
 
 def _checkpoint_tensors(model_dir):
@@ -182,8 +180,6 @@ def test_killed_run_resumes_bit_identically(uninterrupted_cli_run, tmp_path):
     optimizer state of an uninterrupted run, bit for bit. (Kills mid-training are covered for
     the shared driver by tests/test_train_density.py; augmentation's resume by
     tests/test_datasets.py.)"""
-    whole, uninterrupted = uninterrupted_cli_run
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     killed = tmp_path / "killed"
     proc = _run_binary(killed, KILL_IN_SAVE="4")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -193,11 +189,26 @@ def test_killed_run_resumes_bit_identically(uninterrupted_cli_run, tmp_path):
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert "Training steps 2 -> 6" in restart.stdout
     assert not glob.glob(str(killed / "ckpt-*_temp*"))
+    whole, run = uninterrupted_cli_run
+    uninterrupted = run.wait()
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     expected, got = _checkpoint_tensors(str(whole)), _checkpoint_tensors(str(killed))
     assert expected.keys() == got.keys()
     assert any("moving_mean" in k for k in expected) and any("/u/" in k for k in expected)
     different = [k for k in expected if not np.array_equal(expected[k], got[k])]
     assert not different, different
+
+
+def test_cli(uninterrupted_cli_run):
+    model_dir, run = uninterrupted_cli_run
+    proc = run.wait()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test accuracy:" in proc.stdout and "reconstruction max abs error:" in proc.stdout
+    assert "accuracy:" in proc.stdout.split("Training steps 0 -> 6", 1)[1]  # progress bar
+    config = read_config(str(model_dir))
+    assert config["train_steps"] == 6 and config["model"]["coeff"] == 0.8
+    assert tuple(config["model"]["blocks"]) == TINY["blocks"]  # the launcher's tiny preset
+    assert config["preset"] == "digits_classifier" and config["l2_penalty"] == 5e-4
 
 
 def _parse(args):

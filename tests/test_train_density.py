@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from _binaries import Background
 from _binaries import config as binary_config
 from _cluster import start_workers
 from absl import flags
@@ -170,15 +171,18 @@ def _check_export(out, shape, num_levels):
 
 @pytest.fixture(scope="module")
 def digits_cli_run(tmp_path_factory):
-    """The binary on digits, 6 steps, evaluated, checkpointed and exported."""
+    """The binary on digits, 6 steps, evaluated, checkpointed and exported: started in the
+    background (the test process trains meanwhile); ``wait()`` gives the finished process."""
     tmp_path = tmp_path_factory.mktemp("digits_cli")
     model_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
-    proc = _run_binary([
+    run = Background(_binary_command([
         "--dataset=digits", "--preset=digits_density", f"--model_dir={model_dir}",
         f"--export_dir={export_dir}", "--train_steps=6", "--eval_every=3",
         "--checkpoint_every=3", "--log_every=2", "--batch_size=32", "--nojit_compile",
-        "--num_samples=4", "--eval_examples=64", "--power_iterations=1"])
-    return proc, model_dir, export_dir
+        "--num_samples=4", "--eval_examples=64", "--power_iterations=1"]),
+        out_dir=str(tmp_path / "output"), cwd=REPO, env=_env())
+    yield run, model_dir, export_dir
+    run.wait()
 
 
 def _strategy_config(dataset, strategy, tmp_path):
@@ -206,7 +210,8 @@ def digits_mirrored_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fresh_process_exports(digits_cli_run, moons_default_run, tmp_path_factory):
     """What a fresh process without the project finds in the digits and the moons export."""
-    proc, _, digits_export = digits_cli_run
+    run, _, digits_export = digits_cli_run
+    proc = run.wait()
     assert proc.returncode == 0, proc.stderr[-3000:]
     digits, moons = _load_in_fresh_process(
         [(digits_export, (8, 8, 1)), (moons_default_run[0].export_dir, (2,))],
@@ -215,7 +220,8 @@ def fresh_process_exports(digits_cli_run, moons_default_run, tmp_path_factory):
 
 
 def test_digits_cli_end_to_end_and_export(digits_cli_run, fresh_process_exports):
-    proc, model_dir, _ = digits_cli_run
+    run, model_dir, _ = digits_cli_run
+    proc = run.wait()
     assert proc.returncode == 0, proc.stderr[-3000:]
     bpd = float(re.search(r"test bits/dim: ([0-9.]+)", proc.stdout).group(1))
     assert 0.5 < bpd < 10.0
@@ -250,8 +256,9 @@ def test_runs_on_strategies(dataset, strategy, tmp_path, request):
     if strategy == "default":
         # A fresh process, no project.
         _check_export(request.getfixturevalue("fresh_process_exports")["moons"], (2,), None)
-        # A rerun on a finished model_dir trains nothing but still reports the final figures.
-        again = train_density(cfg)
+        # A rerun on a finished model_dir trains nothing but still reports the final figures
+        # (without exporting again: the checks below read the first run's export).
+        again = train_density(dataclasses.replace(cfg, export_dir=""))
         assert again["step"] == 6 and "loss" not in again
         np.testing.assert_allclose(again["test_bits_per_dim"], results["test_bits_per_dim"],
                                    rtol=1e-4)
@@ -298,9 +305,12 @@ def test_killed_runs_resume_bit_identically(tmp_path):
                 "--log_every=1", "--nojit_compile", "--eval_examples=32", "--train_steps=12"]
 
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    assert _run_binary(args(whole)).returncode == 0
+    # The uninterrupted run, side by side with the first killed one.
+    uninterrupted = Background(_binary_command(args(whole)), out_dir=str(tmp_path / "output"),
+                               cwd=REPO, env=_env())
     # 1. Killed between writing ckpt-6's shards and merging them into place.
     proc = _run_binary(args(killed), KILL_IN_SAVE="6")
+    assert uninterrupted.wait().returncode == 0, uninterrupted.wait().stderr[-3000:]
     assert proc.returncode == -signal.SIGKILL
     assert tf.train.latest_checkpoint(killed).endswith("ckpt-3")
     assert glob.glob(os.path.join(killed, "ckpt-6_temp*"))
