@@ -11,7 +11,7 @@ stride-1 ``"SAME"`` convolution with the *adjoint kernel*
 ``Conv2DBackpropInput``. This matters for i-ResNets, whose log-det series evaluates that product
 ``n_terms`` times per block and step:
 
-* TF's plain (non-oneDNN) CPU ``Conv2DBackpropInput`` is 1.8-3.2x slower than the equivalent
+* TF's plain (non-oneDNN) CPU ``Conv2DBackpropInput`` is 1.4-3.2x slower than the equivalent
   forward convolution at the narrow outputs of a residual branch (``hidden -> C``);
 * under XLA, a ``Conv2DBackpropInput`` inside a ``tf.while_loop`` or ``tf.cond`` body (the
   Neumann series, the Russian-roulette terms) keeps a non-canonical kernel layout and is emitted
@@ -20,10 +20,10 @@ stride-1 ``"SAME"`` convolution with the *adjoint kernel*
 
 With oneDNN (TF's default on CPUs with AVX-512) outside XLA, TF's own ``Conv2DBackpropInput``
 is as fast or faster, so `conv2d` uses the adjoint form only where it wins: in XLA-compiled
-graphs, and on CPUs running TF's plain kernels. ``benchmarks/README.md`` ("The log-det's
-convolutions") has the figures. The kernel gradient stays TF's ``Conv2DBackpropFilter``. Both gradients are built from differentiable ops and the
-adjoint kernel is an input of the op, so higher-order gradients (the Neumann gradient
-differentiates a vector-Jacobian product in the weights) are exact.
+graphs, and on CPUs running TF's plain kernels. ``benchmarks/README.md`` (fifth session) has
+the figures. The kernel gradient stays TF's ``Conv2DBackpropFilter``. Both gradients are built
+from differentiable ops and the adjoint kernel is an input of the op, so higher-order gradients
+(the Neumann gradient differentiates a vector-Jacobian product in the weights) are exact.
 """
 
 from __future__ import annotations

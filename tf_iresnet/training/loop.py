@@ -115,9 +115,8 @@ class Trainer:
         (False), or None: measure. Before the first step, `train` then times both on the first
         batch (`choose_jit_compile`) and keeps the faster, recorded in
         `model_dir/jit_compile.json`, which a resumed run reuses (so it resumes exactly).
-        Which is faster depends on the model and the machine: measured on 2 CPU cores, XLA
-        wins on the small digits models and loses on the wide benchmark presets
-        (`benchmarks/README.md`). The optimizer update stays outside XLA: compiled under
+        Which is faster depends on the model, the kernel set and the machine
+        (`benchmarks/README.md`, fifth session). The optimizer update stays outside XLA: compiled under
         `MirroredStrategy` it fails on this stack, because its cross-replica update reaches
         variables on the other replicas' devices.
       config: optional dataclass or dict, written to `model_dir/config.json` by the chief.
