@@ -232,7 +232,7 @@ def residual_and_logdet(
                 w = tf.cond(active, lambda w=w: vjp(w), lambda w=w: tf.zeros_like(w))
             else:
                 w = vjp(w)
-            weight = tf.cast(active, x.dtype) * tf.cast(_term_weight(config, k), x.dtype)
+            weight = tf.cast(active, x.dtype) * _term_weight(config, k, x.dtype)
             total += weight * _event_sum(w * v)
         estimates.append(total)
     logdet = tf.add_n(estimates) / config.n_samples
@@ -249,36 +249,52 @@ def _signed_reweighting(config: LogDetConfig, k) -> tf.Tensor:
     return w
 
 
-def _term_weight(config: LogDetConfig, k) -> tf.Tensor:
-    """Coefficient of ``v^T J^k v`` in the estimate, k >= 1."""
-    return _signed_reweighting(config, k) / tf.cast(k, tf.float32)
+def _term_weight(config: LogDetConfig, k, dtype) -> tf.Tensor:
+    """Coefficient of ``v^T J^k v`` in the estimate, k >= 1, in ``dtype``."""
+    return tf.cast(_signed_reweighting(config, k), dtype) / tf.cast(k, dtype)
 
 
 def _neumann_estimate(vjp, v: tf.Tensor, n_total: tf.Tensor, config: LogDetConfig) -> tf.Tensor:
     """The log-det estimate of one probe with the Neumann-series gradient.
 
-    The products ``w_k = v^T J^k`` run in a `tf.while_loop` outside the gradient: one loop
-    body's buffers serve every term, so memory does not grow with ``n_total`` (an unrolled
-    chain keeps one set of ``x``-sized tensors per term), and the graph does not grow either.
-    The loop accumulates the estimate ``sum_{k>=1} (-1)^(k+1) b_k w_k v / k`` and the gradient
-    vector ``u = sum_{k>=1} (-1)^(k+1) b_k w_{k-1}`` (``b_k`` the roulette reweighting of term
-    k); ``d/dtheta (u^T J v)`` with u held fixed is then ``sum_k (-1)^(k+1) b_k v^T J^(k-1) dJ v``
-    = ``d/dtheta`` of the estimate, since ``d tr(J^k) / k = tr(J^(k-1) dJ)`` (Chen et al., 2019).
+    The gradient of the estimate in the weights is that of the surrogate ``S = (u^T J) v`` with
+    the gradient vector ``u = sum_{k=1}^n s_k w_{k-1}`` held fixed (``w_k = v^T J^k``, ``s_k``
+    the sign ``(-1)^(k+1)`` times the roulette reweighting of term k, n = ``n_total``):
+    ``d/dtheta (u^T J v) = sum_k s_k v^T J^(k-1) dJ v`` = ``d/dtheta`` of the estimate, since
+    ``d tr(J^k) / k = tr(J^(k-1) dJ)`` (Chen et al., 2019).
+
+    The products ``w_1 .. w_(n-1)`` run in a `tf.while_loop` outside the gradient: one loop
+    body's buffers serve every term, so memory does not grow with n (an unrolled chain keeps
+    one set of ``x``-sized tensors per term), and the graph does not grow either. The last
+    product is not computed on its own: ``u^T J = sum_{k=1}^n s_k w_k`` by linearity, so the
+    surrogate's value already holds ``s_n <w_n, v>``, and the estimate
+
+        ``sum_{k=1}^n (s_k / k) <w_k, v> = sum_{k<n} s_k (1/k - 1/n) <w_k, v> + S / n``
+
+    needs n vector-Jacobian products per probe in all (the differentiable one included), not
+    n + 1: one backward pass through g fewer per block, probe and step.
     """
     dtype = v.dtype
     batch = tf.shape(v)[0]
+    n = tf.cast(tf.maximum(n_total, 1), dtype)
 
-    def body(k, w, total, grad_vec):
-        # Entering with w = v^T J^(k-1): it is term k's contribution to the gradient vector.
-        grad_vec += tf.cast(_signed_reweighting(config, k), dtype) * w
+    def body(k, w, partial, grad_vec):
+        # Entering with w = w_(k-1): term k's contribution to the gradient vector.
+        s_k = tf.cast(_signed_reweighting(config, k), dtype)
+        grad_vec += s_k * w
         w = tf.stop_gradient(vjp(w))
-        total += tf.cast(_term_weight(config, k), dtype) * _event_sum(w * v)
-        return k + 1, w, total, grad_vec
+        partial += (_term_weight(config, k, dtype) - s_k / n) * _event_sum(w * v)
+        return k + 1, w, partial, grad_vec
 
-    _, _, total, grad_vec = tf.while_loop(
-        lambda k, *_: k <= n_total, body,
-        (tf.constant(1), tf.stop_gradient(v), tf.zeros([batch], dtype), tf.zeros_like(v)),
-        maximum_iterations=config.max_terms)
-    total, grad_vec = tf.stop_gradient(total), tf.stop_gradient(grad_vec)
+    state = (tf.constant(1), tf.stop_gradient(v), tf.zeros([batch], dtype), tf.zeros_like(v))
+    if config.max_terms > 1:
+        state = tf.while_loop(lambda k, *_: k < n_total, body, state,
+                              maximum_iterations=config.max_terms - 1)
+    _, w_last, partial, grad_vec = state
+    # Term n's contribution, s_n w_(n-1); none when the roulette leaves no term at all (n = 0).
+    s_last = tf.cast(_signed_reweighting(config, tf.maximum(n_total, 1)), dtype)
+    s_last *= tf.cast(n_total >= 1, dtype)
+    grad_vec = tf.stop_gradient(grad_vec + s_last * w_last)
     surrogate = _event_sum(vjp(grad_vec) * v)
+    total = tf.stop_gradient(partial + surrogate / n)
     return total + surrogate - tf.stop_gradient(surrogate)
