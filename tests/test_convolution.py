@@ -1,11 +1,18 @@
-"""tf_iresnet.convolution: the adjoint-form convolution equals TF's, to second order."""
+"""tf_iresnet.convolution: the adjoint-form convolution and the filter-gradient forms equal TF's,
+to second order."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tf_iresnet import convolution
-from tf_iresnet.convolution import adjoint_kernel, conv2d
+from tf_iresnet.convolution import (
+    FILTER_GRADIENT_FORMS,
+    adjoint_kernel,
+    conv2d,
+    filter_gradient,
+    filter_gradient_form,
+)
 
 
 def _reference(x, kernel, strides=(1, 1), padding="SAME", dilations=(1, 1)):
@@ -28,12 +35,19 @@ def _first_and_second_order(conv, x, kernel, v, u):
 
 @pytest.mark.parametrize("kernel_hw", [(3, 3), (1, 1), (5, 3)])
 @pytest.mark.parametrize("traced", [False, True])
-def test_values_and_gradients_equal_tf_to_second_order(kernel_hw, traced):
+@pytest.mark.parametrize("channels", [(3, 4), (4, 3)])
+@pytest.mark.parametrize("plain", [False, True])
+def test_values_and_gradients_equal_tf_to_second_order(kernel_hw, traced, channels, plain,
+                                                       monkeypatch):
+    # plain=True: the choices made on TF's plain kernels (the filter gradient of a kernel with
+    # fewer outputs than inputs from the output's patches).
+    monkeypatch.setattr(convolution, "_plain_cpu_kernels", lambda: plain)
+    c_in, c_out = channels
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.normal(size=(2, 5, 6, 3)))  # float64: round-off far below the checks
-    kernel = tf.constant(rng.normal(size=(*kernel_hw, 3, 4)))
-    v = tf.constant(rng.normal(size=(2, 5, 6, 4)))
-    u = tf.constant(rng.normal(size=(2, 5, 6, 3)))
+    x = tf.constant(rng.normal(size=(2, 5, 6, c_in)))  # float64: round-off far below the checks
+    kernel = tf.constant(rng.normal(size=(*kernel_hw, c_in, c_out)))
+    v = tf.constant(rng.normal(size=(2, 5, 6, c_out)))
+    u = tf.constant(rng.normal(size=(2, 5, 6, c_in)))
 
     def ours(a, k):
         return conv2d(a, k, adjoint_form=True)
@@ -122,3 +136,57 @@ def test_the_automatic_choice_follows_xla_and_the_kernel_set():
 
     assert bool(compiled()) is True
     assert bool(traced()) is plain
+
+
+@pytest.mark.parametrize("kernel_hw", [(3, 3), (1, 1), (5, 3)])
+@pytest.mark.parametrize("form", FILTER_GRADIENT_FORMS)
+def test_filter_gradient_forms_equal_tf_to_second_order(kernel_hw, form):
+    if form == "matmul" and kernel_hw != (1, 1):
+        pytest.skip("matmul is the 1x1 form")
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.normal(size=(3, 6, 5, 4)))
+    d_outputs = tf.constant(rng.normal(size=(3, 6, 5, 2)))
+    shape = [*kernel_hw, 4, 2]
+    m = tf.constant(rng.normal(size=shape))
+
+    def values(fn):
+        with tf.GradientTape() as tape:
+            tape.watch([x, d_outputs])
+            d_kernel = fn(x, d_outputs)
+            s = tf.reduce_sum(d_kernel * m)
+        return [d_kernel, *tape.gradient(s, [x, d_outputs])]
+
+    got = values(lambda a, b: filter_gradient(a, b, shape, form=form))
+    expected = values(lambda a, b: tf.raw_ops.Conv2DBackpropFilter(
+        input=a, filter_sizes=shape, out_backprop=b, strides=[1, 1, 1, 1], padding="SAME"))
+    for name, g, e in zip(["dW", "d/dx", "d/d_outputs"], got, expected, strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_filter_gradient_refuses_unknown_forms():
+    x, d = tf.zeros([1, 4, 4, 2]), tf.zeros([1, 4, 4, 3])
+    with pytest.raises(ValueError, match="form must be one of"):
+        filter_gradient(x, d, [3, 3, 2, 3], form="fft")
+    with pytest.raises(ValueError, match="needs a 1x1 kernel"):
+        filter_gradient(x, d, [3, 3, 2, 3], form="matmul")
+
+
+def _form_under_xla(kernel_shape):
+    seen = []
+
+    @tf.function(jit_compile=True)
+    def compiled():
+        seen.append(filter_gradient_form(kernel_shape))
+        return tf.constant(0.0)
+
+    compiled()
+    return seen[0]
+
+
+def test_the_filter_gradient_form_follows_the_measurements(monkeypatch):
+    for plain in (False, True):
+        monkeypatch.setattr(convolution, "_plain_cpu_kernels", lambda plain=plain: plain)
+        assert filter_gradient_form([1, 1, 128, 128]) == "matmul"
+        assert filter_gradient_form([3, 3, 12, 128]) == "tf"
+        assert filter_gradient_form([3, 3, 128, 12]) == ("output_patches" if plain else "tf")
+        assert _form_under_xla([1, 1, 8, 8]) == "tf"  # XLA emits TF's op itself

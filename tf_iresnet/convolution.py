@@ -36,7 +36,8 @@ from tensorflow.python.framework import ops
 from tensorflow.python.ops import control_flow_util
 from tensorflow.python.util import _pywrap_util_port
 
-__all__ = ["adjoint_form_is_faster", "adjoint_kernel", "conv2d"]
+__all__ = ["FILTER_GRADIENT_FORMS", "adjoint_form_is_faster", "adjoint_kernel", "conv2d",
+           "filter_gradient", "filter_gradient_form"]
 
 
 def adjoint_kernel(kernel: tf.Tensor) -> tf.Tensor:
@@ -71,15 +72,89 @@ def _same_conv2d(x: tf.Tensor, kernel: tf.Tensor, adjoint: tf.Tensor):
     kernel_shape = kernel.shape.as_list()
 
     def grad(d_outputs):
-        d_x = tf.nn.conv2d(d_outputs, adjoint, strides=1, padding="SAME", data_format="NHWC")
-        d_kernel = tf.raw_ops.Conv2DBackpropFilter(
-            input=x, filter_sizes=kernel_shape, out_backprop=d_outputs,
-            strides=[1, 1, 1, 1], padding="SAME", data_format="NHWC")
+        # The adjoint of the adjoint is the kernel itself: second-order gradients (the Neumann
+        # gradient differentiates a vector-Jacobian product) stay forward convolutions too.
+        d_x = _same_conv2d(d_outputs, adjoint, kernel)
+        d_kernel = filter_gradient(x, d_outputs, kernel_shape)
         # The outputs do not depend on `adjoint` itself; its link to `kernel` is the
         # differentiable `adjoint_kernel(kernel)` outside this op.
         return d_x, d_kernel, tf.zeros_like(adjoint)
 
     return outputs, grad
+
+
+def _shifted(t: tf.Tensor, kh: int, kw: int) -> list[tf.Tensor]:
+    """The ``kh * kw`` windows ``t_pad[:, 2ph - i : 2ph - i + H, 2pw - j : 2pw - j + W]`` of a
+    SAME-padded ``[B, H, W, C]`` tensor, in the kernel's ``(i, j)`` order."""
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    h, w = t.shape[1], t.shape[2]
+    padded = tf.pad(t, [[0, 0], [ph, ph], [pw, pw], [0, 0]])
+    return [padded[:, 2 * ph - i:2 * ph - i + h, 2 * pw - j:2 * pw - j + w, :]
+            for i in range(kh) for j in range(kw)]
+
+
+FILTER_GRADIENT_FORMS = ("tf", "matmul", "output_patches")
+
+
+def filter_gradient_form(kernel_shape: Sequence[int]) -> str:
+    """The fastest measured way to compute `filter_gradient` here for a ``[kh, kw, in, out]``
+    kernel: ``"matmul"`` for 1x1 kernels, ``"output_patches"`` for wider kernels with fewer
+    outputs than inputs on TF's plain CPU kernels, else ``"tf"``; always ``"tf"`` when the
+    graph is compiled by XLA (which emits TF's op itself)."""
+    kh, kw, c_in, c_out = kernel_shape
+    if _in_xla_context():
+        return "tf"
+    if kh == kw == 1:
+        return "matmul"
+    if _plain_cpu_kernels() and c_out < c_in:
+        return "output_patches"
+    return "tf"
+
+
+def filter_gradient(x: tf.Tensor, d_outputs: tf.Tensor, kernel_shape: Sequence[int],
+                    form: str | None = None) -> tf.Tensor:
+    """``dL/dW`` of a stride-1 SAME convolution ``y = conv2d(x, W)`` from ``d_outputs = dL/dy``.
+
+    ``dW[i, j, c, o] = sum_{b, h, w} x[b, h, w, c] d_outputs_pad[b, h - i + 2ph, w - j + 2pw, o]``
+    (``ph, pw`` the padding). TF's ``Conv2DBackpropFilter`` computes it as one op; here it can
+    also be one matrix product, which TF's plain CPU kernels run several times faster when the
+    kernel has few outputs (``[3, 3, 128, 12]`` at 16x16, batch 64: 15.3 against 3.8 ms):
+
+    * ``"matmul"`` (1x1 kernels): ``x^T d_outputs`` over the ``B H W`` rows;
+    * ``"output_patches"``: ``x^T P`` with P the ``kh kw`` shifted windows of ``d_outputs``
+      side by side (``[B H W, kh kw out]``), reshaped to ``[kh, kw, in, out]``;
+    * ``"tf"``: ``Conv2DBackpropFilter``.
+
+    All three are differentiable to any order.
+
+    Args:
+      x: ``[B, H, W, in]``.
+      d_outputs: ``[B, H, W, out]``.
+      kernel_shape: ``[kh, kw, in, out]``, odd kh and kw, static.
+      form: one of ``FILTER_GRADIENT_FORMS``; None picks `filter_gradient_form`.
+
+    Returns:
+      ``[kh, kw, in, out]``.
+    """
+    kh, kw, c_in, c_out = (int(d) for d in kernel_shape)
+    form = filter_gradient_form(kernel_shape) if form is None else form
+    if form not in FILTER_GRADIENT_FORMS:
+        raise ValueError(f"form must be one of {FILTER_GRADIENT_FORMS} or None, got {form!r}.")
+    if form == "matmul":
+        if (kh, kw) != (1, 1):
+            raise ValueError(f"form='matmul' needs a 1x1 kernel, got kernel_shape "
+                             f"{list(kernel_shape)}; use 'output_patches' or 'tf'.")
+        d_kernel = tf.matmul(tf.reshape(x, [-1, c_in]), tf.reshape(d_outputs, [-1, c_out]),
+                             transpose_a=True)
+        return tf.reshape(d_kernel, [1, 1, c_in, c_out])
+    if form == "output_patches":
+        patches = tf.concat(_shifted(d_outputs, kh, kw), axis=-1)
+        d_kernel = tf.matmul(tf.reshape(x, [-1, c_in]),
+                             tf.reshape(patches, [-1, kh * kw * c_out]), transpose_a=True)
+        return tf.transpose(tf.reshape(d_kernel, [c_in, kh, kw, c_out]), [1, 2, 0, 3])
+    return tf.raw_ops.Conv2DBackpropFilter(
+        input=x, filter_sizes=[kh, kw, c_in, c_out], out_backprop=d_outputs,
+        strides=[1, 1, 1, 1], padding="SAME", data_format="NHWC")
 
 
 def _has_adjoint_form(kernel_shape: Sequence[int | None], strides: Sequence[int],
@@ -95,14 +170,17 @@ def _plain_cpu_kernels() -> bool:
     return not _pywrap_util_port.IsMklEnabled() and not tf.config.list_physical_devices("GPU")
 
 
+def _in_xla_context() -> bool:
+    """The graph being traced is compiled by XLA (``jit_compile=True``, or nested in one)."""
+    return (not tf.executing_eagerly()
+            and bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())))
+
+
 def adjoint_form_is_faster() -> bool:
     """Whether `conv2d` uses the adjoint form here: when the graph being traced is compiled by
     XLA (``tf.function(jit_compile=True)``, or nested in one), or TF runs its plain CPU
     kernels (measured faster in both cases; see the module docstring)."""
-    graph = ops.get_default_graph()
-    in_xla = (not tf.executing_eagerly()
-              and control_flow_util.GraphOrParentsInXlaContext(graph))
-    return bool(in_xla) or _plain_cpu_kernels()
+    return _in_xla_context() or _plain_cpu_kernels()
 
 
 def conv2d(
