@@ -101,18 +101,25 @@ def depth_growth(rows: list[dict]) -> dict[str, float]:
 
 
 def full_depth(base: BenchConfig, spawn, log=None, presets=FULL_DEPTH) -> list[dict]:
-    """One training step (no warm-up) of each full-depth preset with the depth-independent
-    backward pass; ``base`` gives batch, XLA and any overrides."""
+    """One training step of each full-depth preset with the depth-independent backward pass,
+    after ``min(base.warmup, 1)`` untimed ones (``--warmup=0``: the first step, tracing
+    included, is the only one); ``base`` gives batch, XLA and any overrides. Rows carry the
+    first call's time, the timed step's (``train_step_s``, ``train_s_per_image``; None
+    without a warm-up) and the memory figures."""
     rows = []
     for preset in presets:
-        cfg = dataclasses.replace(base, preset=preset, steps=1, warmup=0, overrides={
+        warmup = min(base.warmup, 1)
+        cfg = dataclasses.replace(base, preset=preset, steps=1, warmup=warmup, overrides={
             "gradient_memory": "invertible", **base.overrides})
         if log:
             log(f"[full depth] {preset} gradient_memory={cfg.overrides['gradient_memory']} ...")
         result = spawn("train", cfg)
+        step_s = result["train_step_s"] if warmup else None
         rows.append({"preset": preset, "gradient_memory": cfg.overrides["gradient_memory"],
-                     "batch_size": base.batch_size,
-                     "train_first_call_s": result["train_first_call_s"], **_memory(result)})
+                     "batch_size": base.batch_size, **_memory(result),
+                     "train_first_call_s": result["train_first_call_s"],
+                     "train_step_s": step_s,
+                     "train_s_per_image": None if step_s is None else step_s / base.batch_size})
     return rows
 
 

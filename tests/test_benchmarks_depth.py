@@ -23,7 +23,9 @@ def test_depth_sweep_and_full_depth_train_a_step_on_a_tiny_model():
     # The paper's MNIST model at the tiny widths and depth of `base`'s overrides.
     (full,) = depth.full_depth(base, run._spawn_phase, presets=("mnist_density_paper",))
     assert full["preset"] == "mnist_density_paper" and full["gradient_memory"] == "stored"
-    assert positive(full["peak_rss_gb"]) and positive(full["train_step_s"])
+    assert positive(full["peak_rss_gb"]) and positive(full["train_first_call_s"])
+    # No warm-up: the first step (tracing included) is the only one, so no step time is given.
+    assert full["train_step_s"] is None and full["train_s_per_image"] is None
 
 
 def _fake_spawn(calls):
@@ -52,6 +54,10 @@ def test_cli_reports_depth_rows_and_every_target(monkeypatch, capsys):
     assert {(r["gradient_memory"], tuple(r["blocks"])) for r in sweep} == {
         (m, b) for m in ("invertible", "stored") for b in ((1, 1, 1), (4, 4, 4))}
     assert calls[-1][1].preset == "mnist_density_paper" and calls[-1][1].steps == 1
+    assert calls[-1][1].warmup == 1  # the CLI's default warm-up of 2, capped at 1
+    (full,) = [line["full_depth"] for line in lines if "full_depth" in line]
+    assert full["train_step_s"] == 0.5
+    assert full["train_s_per_image"] == pytest.approx(0.5 / full["batch_size"])
     targets = lines[-1]["targets"]
     # 12 blocks against 3: invertible 1.12 / 1.03, stored 2.2 / 1.3.
     assert targets["depth_growth"]["invertible"]["value"] == pytest.approx(1.12 / 1.03)
