@@ -216,8 +216,8 @@ def roofline(model, x: tf.Tensor, loss_fn, *, loop_trips: int, calls: int = 5) -
       model: a built ``IResNetFlow``.
       x: the batch, static shape ``[B, *input_shape]``.
       loss_fn: ``loss_fn(x) -> scalar`` of the training step (forward and log-det).
-      loop_trips: trips of a ``tf.while_loop`` body (the series' terms with the Neumann
-        gradient).
+      loop_trips: trips of a ``tf.while_loop`` body (``n_terms - 1`` for the Neumann-gradient
+        series, whose last product is the surrogate's).
       calls: timed calls per isolated convolution shape and of the matmul (medians).
     """
     import tensorflow as tf
@@ -257,5 +257,7 @@ def _phase_roofline(cfg: BenchConfig, model, x) -> dict:
     step_fn = make_train_step(DensityTrainConfig(preset=cfg.preset, batch_size=cfg.batch_size,
                                                  seed=cfg.seed))
     step = tf.constant(0, tf.int64)
+    # The Neumann series' loop runs n_terms - 1 products; the last comes with the surrogate.
+    trips = model.config.n_terms - 1 if model.config.neumann_gradient else model.config.n_terms
     return {"roofline": roofline(model, x, lambda t: step_fn(model, t, step)[0],
-                                 loop_trips=model.config.n_terms, calls=cfg.steps)}
+                                 loop_trips=trips, calls=cfg.steps)}

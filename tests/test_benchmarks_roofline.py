@@ -46,3 +46,18 @@ def test_roofline_counts_the_flops_of_the_graph(n_terms):
         assert figures["img_per_s_at_matmul_peak"] == pytest.approx(
             4 * record["matmul_gflop_per_s"] / figures["gflop"])
     assert positive(record["matmul_gflop_per_s"]) and positive(record["power_iterations_gflop"])
+
+
+@pytest.mark.parametrize("n_terms", [2, 5])
+def test_roofline_counts_the_neumann_loop_trips(n_terms):
+    # The Neumann gradient: forward 1, n vector-Jacobian products (n - 1 in the loop, whose
+    # body counts once per trip, and the surrogate's), the surrogate's backward 2, the
+    # forward's backward 2: n + 5 passes (and a little for the batch-1 sigma products).
+    from tf_iresnet import presets
+
+    cfg = BenchConfig(preset="bench_cifar_small", batch_size=4, steps=1, warmup=1,
+                      overrides={**TINY, "n_terms": n_terms, "neumann_gradient": True})
+    record = run_phase("roofline", cfg)["roofline"]
+    model = presets.build("bench_cifar_small", blocks=(1, 1, 1), hidden_channels=4)
+    passes = record["train_step"]["gflop"] / _forward_conv_flops(model, 4)
+    assert n_terms + 5 <= passes <= n_terms + 5.25, passes
