@@ -19,6 +19,7 @@ from tf_iresnet.lipschitz.fft_bound import _conv2d_norm_upper_bound
 from tf_iresnet.lipschitz.operators import _bilinear, _OperatorSpec
 from tf_iresnet.lipschitz.solvers import (
     _METHODS,
+    _power_iteration_without_gradient,
     _shared_power_iteration,
     _shared_power_iteration_in_place,
     _solver,
@@ -66,10 +67,13 @@ def folded_kernels(layers: Iterable[SpectralNormalization]) -> Iterator[None]:
         stack.remove(folded)
 
 
-# Lanczos steps run when the layer is built, so that the state is a sensible estimate (and the
-# normalization active) from the first call, before any training step has updated it.
-_BUILD_MAX_ITERATIONS = 32
-_BUILD_TOLERANCE = 1e-4
+# Power iterations run (eagerly) when the layer is built, so that the state is a sensible
+# estimate (and the normalization active) from the first call, before any training step has
+# updated it. Eager and of a fixed count, they trace nothing: a Lanczos solve to a tolerance
+# (`_iterate_to_tolerance`) costs a trace of its `tf.function` per layer shape, most of the
+# cost of building a small model. From random unit vectors, 10 iterations reach 0.96 to 0.9999
+# of the norm on the digits models' layers (Lanczos: 1.0000).
+_BUILD_POWER_ITERATIONS = 10
 
 
 def _check_coeff(coeff: Any) -> float:
@@ -168,10 +172,11 @@ class SpectralNormalization(keras.layers.Layer):
     `converge_spectral_norms`, both Lanczos by default) to converge the state to a tolerance,
     e.g. after each optimizer step, before export and after loading weights, and
     `lipschitz_upper_bound` for a rigorous bound. When the layer is built, the state is
-    initialized to random unit vectors and then refined (up to 32 Lanczos steps, relative
-    residual 1e-4) if the build runs eagerly, so that the normalization is active from the
-    first call. (A layer first built inside a `tf.function` keeps random u, v until its first
-    training call or `lipschitz_estimate`.)
+    initialized to random unit vectors and then refined by 10 power iterations if the build
+    runs eagerly, so that the normalization is active from the first call: sigma is then a
+    lower estimate of the norm, typically a few percent below it (converge it as above for
+    the measured value). (A layer first built inside a `tf.function` keeps random u, v until
+    its first training call or `lipschitz_estimate`.)
 
     *Distribution.* u and v are created with ``aggregation="only_first_replica"``: every
     replica computes the same update from the same mirrored kernel, and the first replica's
@@ -313,7 +318,10 @@ class SpectralNormalization(keras.layers.Layer):
         # before the first training step. Only when building eagerly: a layer first built while
         # a tf.function is being traced has a kernel that is not initialized yet.
         if tf.executing_eagerly():
-            self._iterate_to_tolerance(_BUILD_MAX_ITERATIONS, _BUILD_TOLERANCE, "lanczos")
+            u, v = _power_iteration_without_gradient(
+                self._spec, self._kernel(), *self._state(), _BUILD_POWER_ITERATIONS)
+            self.u.assign(u)
+            self.v.assign(v)
 
     def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple:
         return self.layer.compute_output_shape(input_shape)
