@@ -38,7 +38,11 @@ def test_roofline_counts_the_flops_of_the_graph(n_terms):
     # Counting dead ops too (the filter gradients a tape builds for each product) gives ~2x.
     passes = record["train_step"]["gflop"] / per_pass
     assert 3 + 3 * n_terms - 1.5 <= passes <= 3 + 3 * n_terms + 0.5, passes
-    assert set(record["train_step"]["by_type"]) == set(roofline.CONV_TYPES)
+    # Every product is counted: convolutions, and the matrix products that replace some of
+    # their gradients (filter gradients; on plain kernels the input gradients are forward
+    # convolutions with the adjoint kernel, so Conv2DBackpropInput may not occur at all).
+    types = set(record["train_step"]["by_type"])
+    assert {"Conv2D"} <= types <= set(roofline.CONV_TYPES) | set(roofline.MATMUL_TYPES), types
     for part in ("train_step", "inference"):
         figures = record[part]
         assert positive(figures["isolated_convs_s"]) and figures["isolated_conv_shapes"] >= 3
